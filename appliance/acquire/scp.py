@@ -1,0 +1,165 @@
+"""The DICOM SCP: C-ECHO and C-STORE from the clinic's modalities.
+
+Handlers are plain functions that return a status and never let an exception escape
+(pynetdicom would otherwise answer with a generic failure and log a traceback that may contain
+patient data).  Every rejection is logged with the calling AE and the reason, never with
+patient names.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from ..config import Config
+from ..errors import InvalidDatasetError, OutOfSpaceError
+from ..store import InstanceStore, parse_part10
+
+log = logging.getLogger(__name__)
+
+# pynetdicom's own "standard" event log prints DIMSE details and, at debug level, whole
+# datasets; our handlers log what is needed without patient data.
+_config.LOG_HANDLER_LEVEL = "none"
+
+# Order matters: pynetdicom accepts, per presentation context, the first syntax of *this* list
+# that the sender proposed.  Senders propose a file's own (often compressed) syntax plus
+# uncompressed fallbacks; taking the compressed one first keeps what we store exactly what the
+# modality produced, and explicit before implicit keeps the VRs.
+TRANSFER_SYNTAXES = [
+    JPEG2000Lossless,
+    JPEG2000,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    RLELossless,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+]
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    status = Dataset()
+    status.Status = code
+    if comment:
+        # ErrorComment is LO: at most 64 characters.
+        status.ErrorComment = comment[:64]
+    return status
+
+
+def _calling_ae(event: evt.Event) -> str:
+    try:
+        return str(event.assoc.requestor.ae_title).strip()
+    except Exception:  # noqa: BLE001 - logging aid only
+        return "?"
+
+
+def make_store_handler(store: InstanceStore, on_stored: Callable[[Any], None] | None = None) -> Callable[[evt.Event], Dataset]:
+    """Build the C-STORE handler bound to ``store``."""
+
+    def handle_store(event: evt.Event) -> Dataset:
+        calling = _calling_ae(event)
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            store.check_space(len(data))
+            ds = parse_part10(data)
+            requested = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+            if requested and str(ds.get("SOPInstanceUID", "")).strip() != requested:
+                raise InvalidDatasetError("SOP Instance UID differs from the C-STORE request")
+            outcome = store.store(data, calling_ae=calling, source="dicom", ds=ds)
+        except OutOfSpaceError as exc:
+            log.warning("C-STORE from %s refused (out of resources): %s", calling, exc)
+            return _status(STATUS_OUT_OF_RESOURCES, "Out of resources: storage floor reached")
+        except InvalidDatasetError as exc:
+            code = STATUS_CANNOT_UNDERSTAND if str(exc).startswith("cannot parse") else STATUS_DATASET_MISMATCH
+            log.warning("C-STORE from %s rejected (0x%04X): %s", calling, code, exc)
+            return _status(code, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a handler must answer, never raise
+            log.error("C-STORE from %s failed: %s: %s", calling, type(exc).__name__, exc)
+            return _status(STATUS_OUT_OF_RESOURCES if isinstance(exc, OSError) else STATUS_PROCESSING_FAILURE,
+                           f"Storage failed: {type(exc).__name__}")
+        log.info("C-STORE from %s: %s %s", calling, outcome.action, outcome.sop_instance_uid)
+        if on_stored is not None:
+            try:
+                on_stored(outcome)
+            except Exception:  # noqa: BLE001 - notification must not undo a durable store
+                log.exception("post-store notification failed")
+        return _status(STATUS_SUCCESS)
+
+    return handle_store
+
+
+def handle_echo(event: evt.Event) -> int:
+    log.info("C-ECHO from %s", _calling_ae(event))
+    return STATUS_SUCCESS
+
+
+def _handle_rejected(event: evt.Event) -> None:
+    log.warning("association from %s (%s) rejected", _calling_ae(event), event.assoc.requestor.address)
+
+
+def make_ae(config: Config) -> AE:
+    """An AE configured from ``[dicom]``: AE title, allow-list, contexts, limits."""
+    dicom = config["dicom"]
+    ae = AE(ae_title=dicom["ae_title"])
+    ae.maximum_associations = dicom["max_associations"]
+    ae.network_timeout = dicom["network_timeout_s"]
+    ae.acse_timeout = dicom["network_timeout_s"]
+    ae.dimse_timeout = dicom["network_timeout_s"]
+    # Unlimited PDU size: fewer, larger reads for multi-megabyte radiographs.
+    ae.maximum_pdu_size = 0
+    allowed = dicom["allowed_calling_aes"]
+    if "*" in allowed:
+        log.warning("dicom.allowed_calling_aes contains '*': any calling AE title is accepted (set-up mode)")
+    else:
+        if not allowed:
+            log.warning("dicom.allowed_calling_aes is empty: every association will be rejected")
+        # An empty allow-list must reject everyone; pynetdicom treats [] as "accept all".
+        ae.require_calling_aet = list(allowed) or ["\x00NOBODY"]
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    return ae
+
+
+def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], None] | None = None) -> ThreadedAssociationServer:
+    """Start serving in background threads; call ``.shutdown()`` on the result to stop."""
+    ae = make_ae(config)
+    handlers = [
+        (evt.EVT_C_STORE, make_store_handler(store, on_stored)),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_REJECTED, _handle_rejected),
+    ]
+    server = ae.start_server((config["dicom"]["host"], config["dicom"]["port"]), block=False, evt_handlers=handlers)
+    log.info("DICOM SCP %s listening on %s:%d", config["dicom"]["ae_title"], *server.server_address[:2])
+    return server

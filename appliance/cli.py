@@ -1,0 +1,128 @@
+"""The `appliance` command."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .config import Config, load_config
+from .errors import ApplianceError, ImportPathError, OutOfSpaceError
+
+log = logging.getLogger("appliance")
+
+
+def config_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--config FILE`` (or ``APPLIANCE_CONFIG``) and ``--data-dir``, shared by every command."""
+    func = click.option(
+        "--data-dir", type=click.Path(file_okay=False), default=None, help="Override [storage] data_dir."
+    )(func)
+    func = click.option(
+        "--config", "config_file", type=click.Path(dir_okay=False), envvar="APPLIANCE_CONFIG",
+        default=None, help="Site configuration file (TOML).",
+    )(func)
+    return func
+
+
+def setup(config_file: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load configuration and logging, turning configuration errors into a CLI message."""
+    try:
+        config = load_config(config_file, overrides)
+    except ApplianceError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from exc
+    logging.basicConfig(
+        level=config["log"]["level"].upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return config
+
+
+@click.group()
+@click.version_option(package_name="clinic-edge-appliance")
+def main() -> None:
+    """Clinic edge AI appliance."""
+
+
+@main.command()
+@config_option
+@click.option("--host", default=None, help="Bind address for DICOM and HTTP.")
+@click.option("--dicom-port", type=int, default=None)
+@click.option("--http-port", type=int, default=None)
+def serve(config_file: str | None, data_dir: str | None, host: str | None, dicom_port: int | None,
+          http_port: int | None) -> None:
+    """Run the box in the foreground (DICOM SCP + web UI) until SIGTERM or Ctrl-C."""
+    from .server import Appliance
+
+    config = setup(config_file, {
+        "storage.data_dir": data_dir, "dicom.host": host, "http.host": host,
+        "dicom.port": dicom_port, "http.port": http_port,
+    })
+    config.log_effective()
+    try:
+        Appliance(config).run_forever()
+    except OSError as exc:
+        raise click.ClickException(f"cannot start: {exc}") from exc
+
+
+@main.command("import")
+@config_option
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def import_(config_file: str | None, data_dir: str | None, paths: tuple[Path, ...], as_json: bool) -> None:
+    """Import DICOM files from folders, files or a DICOMDIR (USB stick, CD)."""
+    from .acquire.importer import collect_files, import_files
+    from .db import open_database
+    from .store import InstanceStore
+
+    config = setup(config_file, {"storage.data_dir": data_dir})
+    try:
+        files = collect_files(paths)
+    except ImportPathError as exc:
+        raise click.ClickException(str(exc)) from exc
+    database = open_database(config.data_dir)
+    store = InstanceStore(config.data_dir, database, config["storage"]["min_free_mb"])
+    try:
+        with click.progressbar(length=len(files), label="importing", file=sys.stderr) as bar:
+            summary = import_files(store, files, progress=lambda _p: bar.update(1))
+    except OutOfSpaceError as exc:
+        raise click.ClickException(f"import stopped: {exc}") from exc
+    if as_json:
+        click.echo(json.dumps(summary.as_dict(), indent=2))
+    else:
+        click.echo(f"imported: {summary.imported}  replaced: {summary.replaced}  "
+                   f"duplicate: {summary.duplicate}  rejected: {len(summary.rejected)}")
+        for file, reason in summary.rejected:
+            click.echo(f"  rejected {file}: {reason}")
+    if summary.imported + summary.replaced + summary.duplicate == 0:
+        raise click.ClickException("nothing imported")
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the documented JSON schema.")
+def studies(config_file: str | None, data_dir: str | None, as_json: bool) -> None:
+    """List stored studies."""
+    from .catalog import SCHEMA_VERSION, list_studies
+    from .db import open_database
+
+    config = setup(config_file, {"storage.data_dir": data_dir})
+    rows = list_studies(open_database(config.data_dir))
+    if as_json:
+        click.echo(json.dumps({"schema_version": SCHEMA_VERSION, "studies": rows}, indent=2))
+        return
+    if not rows:
+        click.echo("no studies")
+        return
+    click.echo(f"{'patient':<24} {'study':<40} {'mod':<6} {'ser':>3} {'inst':>5} {'state':<10} received")
+    for s in rows:
+        patient = f"{s['patient']['name']} ({s['patient']['id']})"[:24]
+        click.echo(f"{patient:<24} {s['study_uid'][:40]:<40} {','.join(s['modalities'])[:6]:<6} "
+                   f"{s['series_count']:>3} {s['instance_count']:>5} {s['state']:<10} {s['last_received_at']}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

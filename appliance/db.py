@@ -1,0 +1,175 @@
+"""The appliance database: SQLite in WAL mode through sqlite-utils, schema as numbered migrations.
+
+Each thread gets its own connection (sqlite3 connections must not be shared between threads);
+``Database.atomic()`` is the one way to run a transaction.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import sqlite_utils
+
+DB_FILENAME = "appliance.db"
+BUSY_TIMEOUT_MS = 30_000
+
+
+def _m001_ingest(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE patients (
+            id INTEGER PRIMARY KEY,
+            patient_id TEXT NOT NULL,
+            issuer TEXT NOT NULL DEFAULT '',
+            name TEXT NOT NULL DEFAULT '',
+            birth_date TEXT NOT NULL DEFAULT '',
+            sex TEXT NOT NULL DEFAULT '',
+            UNIQUE (patient_id, issuer)
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE studies (
+            study_uid TEXT PRIMARY KEY,
+            patient_pk INTEGER NOT NULL REFERENCES patients(id),
+            accession TEXT NOT NULL DEFAULT '',
+            study_date TEXT NOT NULL DEFAULT '',
+            study_time TEXT NOT NULL DEFAULT '',
+            description TEXT NOT NULL DEFAULT '',
+            state TEXT NOT NULL DEFAULT 'received',
+            first_received_at TEXT NOT NULL,
+            last_received_at TEXT NOT NULL
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE series (
+            series_uid TEXT PRIMARY KEY,
+            study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+            modality TEXT NOT NULL DEFAULT '',
+            body_part TEXT NOT NULL DEFAULT '',
+            series_number TEXT NOT NULL DEFAULT '',
+            description TEXT NOT NULL DEFAULT ''
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE instances (
+            sop_instance_uid TEXT PRIMARY KEY,
+            series_uid TEXT NOT NULL REFERENCES series(series_uid),
+            study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+            sop_class_uid TEXT NOT NULL,
+            instance_number TEXT NOT NULL DEFAULT '',
+            file_path TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            transfer_syntax TEXT NOT NULL,
+            calling_ae TEXT NOT NULL DEFAULT '',
+            source TEXT NOT NULL DEFAULT 'dicom',
+            received_at TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'received'
+        )"""
+    )
+    # Older versions of an instance replaced by a different one with the same SOP Instance UID.
+    db.execute(
+        """
+        CREATE TABLE superseded_instances (
+            id INTEGER PRIMARY KEY,
+            sop_instance_uid TEXT NOT NULL,
+            file_path TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            received_at TEXT NOT NULL,
+            superseded_at TEXT NOT NULL,
+            superseded_by_sha256 TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX idx_instances_series ON instances(series_uid)")
+    db.execute("CREATE INDEX idx_instances_study ON instances(study_uid)")
+    db.execute("CREATE INDEX idx_series_study ON series(study_uid)")
+    db.execute(
+        """
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY,
+            at TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            study_uid TEXT NOT NULL DEFAULT '',
+            detail TEXT NOT NULL DEFAULT ''
+        )"""
+    )
+
+
+# Numbered migrations: index i + 1 is the schema version after running MIGRATIONS[i].
+# Never edit a shipped migration; append a new one.
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _m001_ingest,
+]
+
+
+class Database:
+    """Per-thread sqlite-utils connections to one database file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(
+                str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk when it returns (the C-STORE success depends on it).
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            db = sqlite_utils.Database(conn)
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def atomic(self) -> Iterator[sqlite_utils.Database]:
+        """One write transaction (BEGIN IMMEDIATE takes the write lock up front, avoiding
+        upgrade deadlocks between threads)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[dict]:
+        return list(self.db.query(sql, params))
+
+    def migrate(self) -> int:
+        """Bring the schema up to date; returns the resulting version."""
+        db = self.db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.atomic() as tx:
+                migration(tx)
+                tx.execute(f"PRAGMA user_version={number}")
+            version = number
+        return version
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.conn.close()
+            self._local.db = None
+
+
+def open_database(data_dir: Path) -> Database:
+    """Open (creating if needed) and migrate the database under ``data_dir``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    database = Database(data_dir / DB_FILENAME)
+    database.migrate()
+    return database
