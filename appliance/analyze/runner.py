@@ -1,0 +1,207 @@
+"""One image through one model: decode -> gate(meta) -> preprocess -> infer -> gate(ood) -> post.
+
+``ModelRunner`` holds a loaded backend session and the package's OOD statistics, so it is
+built once per model and reused for every image (``get_runner`` caches them per process).
+Nothing here raises for a bad *image*: decode failures and gate refusals become an
+``abstention`` on the result, so one unreadable file never stops a worker.  Bad *models*
+(ManifestError, InferenceError) do raise: they are configuration faults, not patient data.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..config import Config
+from ..errors import DecodeError, InferenceError
+from ..imaging.decode import DecodedImage, decode
+from ..imaging.preprocess import preprocess
+from . import gate, heatmap
+from .backends import Backend, create_backend, resolve_backend
+from .manifest import Manifest, find_model
+
+log = logging.getLogger(__name__)
+
+AI_NOTICE = "AI assist — not a diagnosis"
+
+
+@dataclass
+class FindingResult:
+    code: str
+    label: str
+    probability: float
+    positive: bool
+    threshold: float
+    severity: str
+
+
+@dataclass
+class AnalysisResult:
+    """What one model said about one image (or why it said nothing)."""
+
+    model: str
+    model_version: str
+    backend: str
+    precision: str
+    disclaimer: str
+    findings: list[FindingResult] = field(default_factory=list)
+    abstention: Optional[gate.Abstention] = None
+    heatmap: Optional[np.ndarray] = field(default=None, repr=False)  # H×W×3 uint8 RGB overlay
+    heatmap_finding: Optional[str] = None
+    ood_distance: Optional[float] = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def analyzed(self) -> bool:
+        return self.abstention is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe summary (the heatmap array is stored separately by the caller)."""
+        return {
+            "model": self.model,
+            "model_version": self.model_version,
+            "backend": self.backend,
+            "precision": self.precision,
+            "disclaimer": self.disclaimer,
+            "status": "analyzed" if self.analyzed else "abstained",
+            "findings": [vars(f).copy() for f in self.findings],
+            "abstention": self.abstention.as_dict() if self.abstention else None,
+            "heatmap_finding": self.heatmap_finding,
+            "ood_distance": self.ood_distance,
+            "source": dict(self.source),
+        }
+
+
+def _activate(scores: np.ndarray, activation: str) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-scores))
+    if activation == "softmax":
+        shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+    return scores  # *_applied / none: the graph already produced probabilities
+
+
+def default_precision(manifest: Manifest, backend_name: str) -> str:
+    """INT8 when the package has its (accuracy-checked) QDQ model; else FP32 on CPU, FP16 on GPU."""
+    if manifest.has_int8:
+        return "int8"
+    return "fp16" if backend_name == "tensorrt" else "fp32"
+
+
+class ModelRunner:
+    """A model package bound to a loaded backend."""
+
+    def __init__(self, manifest: Manifest, backend: Backend, precision: str) -> None:
+        self.manifest = manifest
+        self.backend = backend
+        self.precision = precision
+        self.ood = gate.OodStats.load(manifest)
+        self.scores = manifest.output("scores")
+        self.cam = manifest.output("heatmap")
+        self.embedding = manifest.output("embedding")
+        # ONNX Runtime sessions are thread-safe; TensorRT contexts and buffers are not.
+        self._lock: Optional[threading.Lock] = None if backend.name == "onnxruntime" else threading.Lock()
+
+    @classmethod
+    def load(cls, manifest: Manifest, backend: str = "auto", precision: Optional[str] = None,
+             threads: int = 2, data_dir: Optional[Path] = None) -> "ModelRunner":
+        name = resolve_backend(backend)
+        precision = precision or default_precision(manifest, name)
+        if precision == "int8" and not manifest.has_int8:
+            raise InferenceError(f"model {manifest.id} has no model.int8.onnx; run `appliance models quantize`")
+        instance = create_backend(name, threads=threads)
+        if name == "tensorrt":
+            from .engines import ensure_engine
+
+            if data_dir is None:
+                raise InferenceError("the tensorrt backend needs the data directory for its engine cache")
+            instance.load(ensure_engine(manifest, precision, data_dir), precision)
+        else:
+            instance.load(manifest.model_path(precision), precision)
+        return cls(manifest, instance, precision)
+
+    @property
+    def backend_label(self) -> str:
+        return self.backend.describe()
+
+    def infer(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        inputs = {self.manifest.input.name: tensor}
+        if self._lock is None:
+            return self.backend.run(inputs)
+        with self._lock:
+            return self.backend.run(inputs)
+
+    def _result(self, **kwargs: Any) -> AnalysisResult:
+        return AnalysisResult(model=self.manifest.id, model_version=self.manifest.version,
+                              backend=self.backend_label, precision=self.precision,
+                              disclaimer=self.manifest.disclaimer or AI_NOTICE, **kwargs)
+
+    def analyze(self, source: Any, frame: Optional[int] = None, make_heatmap: bool = True) -> AnalysisResult:
+        """Run the full run-time path on a path, Dataset, DICOM bytes or DecodedImage."""
+        try:
+            image: DecodedImage = decode(source, frame=frame)
+        except DecodeError as exc:
+            return self._result(abstention=gate.Abstention("UNREADABLE_PIXELS", f"cannot decode the image: {exc}"))
+        meta = {"modality": image.modality, "body_part": image.body_part, "view": image.view,
+                "photometric": image.photometric, "rows": image.rows, "columns": image.columns,
+                "frames": image.frames, "frame_index": image.frame_index, "is_colour": image.is_colour}
+        refusal = gate.check_metadata(image, self.manifest) or gate.check_pixels(image, self.manifest)
+        if refusal is not None:
+            return self._result(abstention=refusal, source=meta)
+        grey = image.grey
+        prepared = preprocess(grey, self.manifest.preprocess, self.manifest.input.shape)
+        outputs = self.infer(prepared.tensor)
+        distance, refusal = None, None
+        if self.embedding is not None and self.ood is not None:
+            distance, refusal = gate.check_ood(outputs[self.embedding.name][0], self.ood)
+        if refusal is not None:
+            return self._result(abstention=refusal, ood_distance=distance, source=meta)
+        if self.scores is None:  # manifest loading refuses this; kept for type narrowing
+            raise InferenceError(f"model {self.manifest.id}: no scores output")
+        probs = _activate(outputs[self.scores.name], self.scores.activation)[0]
+        findings = []
+        for finding in self.manifest.findings:
+            if finding.index >= probs.shape[-1]:
+                raise InferenceError(f"model {self.manifest.id}: finding index {finding.index} "
+                                     f"outside the scores output ({probs.shape[-1]} values)")
+            p = float(probs[finding.index])
+            findings.append(FindingResult(finding.code, finding.label, p, p >= finding.threshold,
+                                          finding.threshold, finding.severity))
+        overlay, shown = None, None
+        if make_heatmap and self.cam is not None and findings:
+            top = max(range(len(findings)), key=lambda i: findings[i].probability)
+            cam = outputs[self.cam.name][0, self.manifest.findings[top].index]
+            overlay = heatmap.overlay(image.pixels if image.pixels.ndim == 3 else grey, cam, prepared.crop)
+            shown = findings[top].code
+        return self._result(findings=findings, heatmap=overlay, heatmap_finding=shown,
+                            ood_distance=distance, source=meta)
+
+
+_RUNNERS: dict[tuple[str, ...], ModelRunner] = {}
+_RUNNERS_LOCK = threading.Lock()
+
+
+def get_runner(model_id: str, config: Config, precision: Optional[str] = None) -> ModelRunner:
+    """The process-wide runner for a model under this configuration, loaded on first use."""
+    analyze_cfg = config["analyze"]
+    key = (str(analyze_cfg["engines_dir"]), model_id, str(analyze_cfg["backend"]), str(precision),
+           str(analyze_cfg["threads"]))
+    with _RUNNERS_LOCK:
+        runner = _RUNNERS.get(key)
+        if runner is None:
+            manifest = find_model(analyze_cfg["engines_dir"], model_id)
+            runner = ModelRunner.load(manifest, backend=analyze_cfg["backend"], precision=precision,
+                                      threads=int(analyze_cfg["threads"]), data_dir=config.data_dir)
+            _RUNNERS[key] = runner
+        return runner
+
+
+def analyze_image(source: Any, model_id: str, config: Config, precision: Optional[str] = None,
+                  frame: Optional[int] = None) -> AnalysisResult:
+    """Convenience for the pipeline: one image, one model, cached runner."""
+    return get_runner(model_id, config, precision).analyze(source, frame=frame)
