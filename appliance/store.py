@@ -100,14 +100,53 @@ def parse_part10(data: bytes) -> Dataset:
     """
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
+        _check_lengths(ds)
         for _elem in ds.iterall():
             pass
         ds.file_meta.TransferSyntaxUID  # noqa: B018 - must be present
+        _check_pixel_data(ds)
     except InvalidDatasetError:
         raise
     except Exception as exc:  # pydicom raises many types on garbage
         raise InvalidDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
     return ds
+
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _check_lengths(ds: Dataset) -> None:
+    """pydicom accepts a value shorter than its declared length at the end of a stream; a
+    truncated transfer must not pass for a complete dataset."""
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if length not in (None, UNDEFINED_LENGTH) and isinstance(value, bytes) and len(value) != length:
+            raise InvalidDatasetError(f"cannot parse dataset: element {tag} truncated ({len(value)} of {length} bytes)")
+
+
+def _check_pixel_data(ds: Dataset) -> None:
+    """Native pixel data must hold every frame; encapsulated fragments must be complete."""
+    if "PixelData" not in ds or "Rows" not in ds:
+        return
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        from pydicom.encaps import generate_fragments
+
+        try:
+            fragments = sum(1 for _ in generate_fragments(ds.PixelData))
+        except Exception as exc:  # noqa: BLE001 - malformed item structure
+            raise InvalidDatasetError(f"cannot parse dataset: encapsulated pixel data is malformed: {exc}") from exc
+        if fragments == 0:
+            raise InvalidDatasetError("cannot parse dataset: encapsulated pixel data has no fragments")
+        return
+    bits = int(ds.get("BitsAllocated", 8) or 8)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    pixels = int(ds.Rows) * int(ds.Columns) * samples * frames
+    expected = (pixels * bits + 7) // 8
+    if len(ds.PixelData) < expected:
+        raise InvalidDatasetError(f"cannot parse dataset: pixel data truncated ({len(ds.PixelData)} of {expected} bytes)")
 
 
 def identify(ds: Dataset) -> dict[str, str]:
