@@ -82,7 +82,8 @@ def _shown(values: list[str]) -> str:
 def check_metadata(image: DecodedImage, manifest: Manifest) -> Optional[Abstention]:
     """Applicability checks that need no inference; the first failing one is returned."""
     app = manifest.applicability
-    if image.source_kind == "dicom":
+    dicom = image.source_kind == "dicom"
+    if dicom:
         if not _allowed(image.modality, app.modalities):
             return Abstention("NOT_APPLICABLE_MODALITY",
                               f"modality {image.modality or '(missing)'} is not one this model is for "
@@ -94,6 +95,11 @@ def check_metadata(image: DecodedImage, manifest: Manifest) -> Optional[Abstenti
         if not _allowed(image.view, app.views):
             return Abstention("WRONG_VIEW", f"view {image.view or '(missing)'} is not one this model is for "
                                             f"({_shown(app.views)})")
+    # Colour before photometric: "colour image" is the reason a person can act on.
+    if image.is_colour and app.colour == "reject":
+        return Abstention("COLOUR_IMAGE", "colour image; this model reads greyscale images only")
+    if dicom:
+        # Under "to_grey" any colour encoding is acceptable input: it is converted to grey.
         if not _allowed(image.photometric, app.photometric) and not (
                 app.colour == "to_grey" and image.pixels.ndim == 3):
             return Abstention("WRONG_PHOTOMETRIC",
@@ -102,8 +108,6 @@ def check_metadata(image: DecodedImage, manifest: Manifest) -> Optional[Abstenti
         if image.rows < app.min_rows or image.columns < app.min_columns:
             return Abstention("TOO_SMALL", f"image is {image.rows}×{image.columns}, the model needs at "
                                            f"least {app.min_rows}×{app.min_columns}")
-    if image.is_colour and app.colour == "reject":
-        return Abstention("COLOUR_IMAGE", "colour image; this model reads greyscale images only")
     return None
 
 

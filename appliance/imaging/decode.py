@@ -114,7 +114,9 @@ def _padding_mask(stored: np.ndarray, ds: Dataset) -> Optional[np.ndarray]:
 def _voi_to_display(values: np.ndarray, ds: Dataset, valid: np.ndarray) -> np.ndarray:
     """Modality-LUT output -> 0..255 through the VOI LUT, the window, or min..max."""
     if ds.get("VOILUTSequence"):
-        out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float32)
+        # LUT input is an index: integral modality output values, rounded when rescale made floats.
+        indices = np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values
+        out = apply_voi_lut(indices, ds, index=0, prefer_lut=True).astype(np.float32)
         lut_data = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float32)
         # The descriptor's bit depth is unreliable in the wild; the LUT's own maximum is the
         # output's full scale.
@@ -139,13 +141,13 @@ def _voi_to_display(values: np.ndarray, ds: Dataset, valid: np.ndarray) -> np.nd
     low, high = float(finite.min()), float(finite.max())
     if high <= low:
         return np.zeros(values.shape, dtype=np.float32)
-    return ((values - low) * (255.0 / (high - low))).astype(np.float32)
+    return ((values.astype(np.float64) - low) * (255.0 / (high - low))).astype(np.float32)
 
 
 def _grey_to_display(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, Optional[np.ndarray]]:
     padding = _padding_mask(stored, ds)
     valid = ~padding if padding is not None else np.ones(stored.shape, dtype=bool)
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    values = np.asarray(apply_modality_lut(stored, ds))
     display = np.clip(_voi_to_display(values, ds, valid), 0.0, 255.0)
     invert = _text(ds, "PhotometricInterpretation") == "MONOCHROME1"
     if _text(ds, "PresentationLUTShape") == "INVERSE":
