@@ -129,3 +129,44 @@ def test_auc_and_ci_helpers() -> None:
     assert bootstrap_ci(y, s) == bootstrap_ci(y, s)  # fixed seed: reproducible
     low, high = bootstrap_ci(y, s)
     assert low < roc_auc(y, s) < high
+
+
+def test_reference_validation_auc_is_reproduced(tmp_path: Path) -> None:
+    """PNGs of the shared validation split through `models validate` give the model card's AUC."""
+    import sys
+
+    from appliance.config import PROJECT_ROOT, load_config
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    package = PROJECT_ROOT / "engines" / "cxr-pneumonia"
+    if not (package / "manifest.toml").is_file():
+        pytest.skip("engines/cxr-pneumonia not committed yet")
+    manifest = tomllib.loads((package / "manifest.toml").read_text())
+    if "validation" not in manifest or "data" not in manifest:
+        pytest.fail("cxr-pneumonia manifest lacks [validation] auc or [data] file")
+    shared = Path(load_config(environ={})["analyze"]["shared_data_dir"])
+    source = shared / manifest["data"]["file"]
+    if not source.is_file():
+        pytest.skip(f"{source} not available")
+    with np.load(source) as data:
+        images, labels = data["val_images"], data["val_labels"].reshape(-1)
+    positive = set(manifest["data"].get("positive_labels", [1]))
+    folder = tmp_path / "val"
+    folder.mkdir()
+    rows = ["file,label"]
+    for i, (image, label) in enumerate(zip(images, labels)):
+        write_png(folder / f"{i:04d}.png", image)
+        rows.append(f"{i:04d}.png,{int(int(label) in positive)}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    config = tmp_path / "site.toml"
+    config.write_text(f'[analyze]\nengines_dir = "{PROJECT_ROOT / "engines"}"\nbackend = "onnxruntime"\n')
+    code, out, err = invoke("validate", "--model", "cxr-pneumonia", str(folder), "--json", "--precision", "fp32",
+                            "--config", str(config))
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["n"] == len(labels) and summary["abstained"] <= len(labels) * 0.01
+    assert summary["auc"] == pytest.approx(float(manifest["validation"]["auc"]), abs=0.005)

@@ -1,0 +1,93 @@
+"""Configuration layering, validation and masking."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load_config
+from appliance.errors import ConfigError
+from tests.helpers import run_cli
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_precedence_defaults_firmware_site_env_cli(tmp_path):
+    firmware = write(tmp_path / "fw.toml", '[dicom]\nae_title = "FW"\nport = 1001\n[http]\nport = 2001\n')
+    site = write(tmp_path / "site.toml", '[dicom]\nport = 1002\n[http]\nport = 2002\nthreads = 3\n')
+    env = {"APPLIANCE_HTTP_PORT": "2003", "APPLIANCE_HTTP_THREADS": "4"}
+    config = load_config(site, {"http.threads": 5, "dicom.max_associations": None}, environ=env, firmware_file=firmware)
+    assert config.get("storage.min_free_mb") == 500  # built-in default
+    assert config.get("dicom.ae_title") == "FW"  # firmware over default
+    assert config.get("dicom.port") == 1002  # site over firmware
+    assert config.get("http.port") == 2003  # environment over site
+    assert config.get("http.threads") == 5  # command line over environment
+    assert config.get("dicom.max_associations") == 16  # an unset flag masks nothing
+    assert config.sources[-1] == "command line"
+
+
+def test_site_file_from_environment(tmp_path):
+    site = write(tmp_path / "site.toml", '[dicom]\nallowed_calling_aes = ["CR1", "US2"]\n')
+    config = load_config(environ={"APPLIANCE_CONFIG": str(site)}, firmware_file=None)
+    assert config.get("dicom.allowed_calling_aes") == ["CR1", "US2"]
+    env_list = load_config(environ={"APPLIANCE_DICOM_ALLOWED_CALLING_AES": "A, B"}, firmware_file=None)
+    assert env_list.get("dicom.allowed_calling_aes") == ["A", "B"]
+
+
+@pytest.mark.parametrize(
+    "text, env, message",
+    [
+        ("[dicom]\nport = 70000\n", {}, "dicom.port: 70000 is not a TCP port"),
+        ('[dicom]\nport = "eleven"\n', {}, "dicom.port (from"),
+        ('[dicom]\nae_title = "A_VERY_LONG_AE_TITLE_X"\n', {}, "dicom.ae_title"),
+        ("[dicom]\ncolour = 1\n", {}, "dicom.colour (from"),
+        ("[nosuch]\nx = 1\n", {}, "nosuch (from"),
+        ("[dicom\n", {}, "not valid TOML"),
+        ("", {"APPLIANCE_STORAGE_MIN_FREE_MB": "lots"}, "storage.min_free_mb (from environment): expected an integer"),
+        ("", {"APPLIANCE_BOGUS_X": "1"}, "APPLIANCE_BOGUS_X"),
+        ("[log]\nlevel = \"LOUD\"\n", {}, "log.level"),
+    ],
+)
+def test_invalid_configuration_names_key_and_problem(tmp_path, text, env, message):
+    site = write(tmp_path / "site.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(site, environ=env, firmware_file=None)
+    assert message in str(info.value)
+
+
+def test_missing_site_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", environ={}, firmware_file=None)
+
+
+def test_secrets_are_masked():
+    config = load_config(environ={"APPLIANCE_HTTP_SECRET_KEY": "hunter2"}, firmware_file=None)
+    assert config.get("http.secret_key") == "hunter2"
+    assert config.masked()["http"]["secret_key"] == "***"
+    assert "hunter2" not in json.dumps(config.masked())
+
+
+def test_cli_fails_fast_on_bad_config(tmp_path):
+    site = write(tmp_path / "site.toml", "[dicom]\nport = -1\n")
+    result = run_cli("studies", "--config", str(site), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode != 0
+    assert "configuration error: dicom.port: -1 is not a TCP port" in result.stderr
+    result = run_cli("serve", "--data-dir", str(tmp_path / "d"), env={"APPLIANCE_CONFIG": str(site)})
+    assert result.returncode != 0 and "dicom.port" in result.stderr
+
+
+def test_serve_logs_effective_config_masked_and_healthz(server_factory):
+    import requests
+
+    server = server_factory(extra_env={"APPLIANCE_HTTP_SECRET_KEY": "s3cr3t-value"}).start()
+    health = requests.get(f"http://127.0.0.1:{server.http_port}/healthz", timeout=5)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert server.stop() == 0
+    log = server.log_path.read_text()
+    assert "effective configuration" in log and '"secret_key": "***"' in log
+    assert "s3cr3t-value" not in log
+    assert "received SIGTERM, stopping" in log and "stopped" in log
