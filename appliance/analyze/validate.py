@@ -238,7 +238,7 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style
 <p>Finding <code>{html.escape(report.finding)}</code>; backend {html.escape(report.backend)}, precision
 {html.escape(report.precision)}. Images: {s['n']}, abstained: {s['abstained']}, analysed: {len(report.analysed)}.</p>
 <p>AUC {_fmt(report.auc)} (95% CI {ci}, bootstrap {BOOTSTRAP_RESAMPLES}×). At the operating point
-{report.threshold:.3f}: sensitivity {_fmt(s['sensitivity'])}, specificity {_fmt(s['specificity'])};
+{report.threshold:.3f}: sensitivity {_fmt(op_tpr)}, specificity {_fmt(_ratio(cm['tn'], cm['tn'] + cm['fp']))};
 TP {s['tp']}, FP {s['fp']}, TN {s['tn']}, FN {s['fn']}.</p>
 {svg}
 <h2>Thresholds</h2>
