@@ -170,3 +170,8 @@ def test_reference_validation_auc_is_reproduced(tmp_path: Path) -> None:
     summary = json.loads(out)
     assert summary["n"] == len(labels) and summary["abstained"] <= len(labels) * 0.01
     assert summary["auc"] == pytest.approx(float(manifest["validation"]["auc"]), abs=0.005)
+
+
+def test_quantize_unknown_model_fails_clearly(site: str) -> None:
+    code, out, err = invoke("quantize", "--model", "nope", "--config", site)
+    assert code != 0 and "no model package 'nope'" in err and "Traceback" not in err
