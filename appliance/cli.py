@@ -124,5 +124,43 @@ def studies(config_file: str | None, data_dir: str | None, as_json: bool) -> Non
                    f"{s['series_count']:>3} {s['instance_count']:>5} {s['state']:<10} {s['last_received_at']}")
 
 
+@main.command()
+@config_option
+@click.option("--study", "study_uid", required=True, help="Study Instance UID to (re-)analyze.")
+def analyze(config_file: str | None, data_dir: str | None, study_uid: str) -> None:
+    """Re-analyze a study with the installed models, keeping earlier results.
+
+    Images already analyzed by the installed version of a model are skipped; a newer model
+    version adds its results next to the old ones.  Runs here, in the foreground; a running
+    `appliance serve` may take some of the jobs, which is safe.
+    """
+    from .analyze.worker import AnalysisWorker, enqueue_study
+    from .db import open_database
+    from .store import InstanceStore
+
+    config = setup(config_file, {"storage.data_dir": data_dir})
+    database = open_database(config.data_dir)
+    if not database.query("SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,)):
+        raise click.ClickException(f"no study {study_uid}")
+    added = enqueue_study(database, study_uid)
+    click.echo(f"queued {added} images", err=True)
+    store = InstanceStore(config.data_dir, database, config["storage"]["min_free_mb"])
+    AnalysisWorker(config, database, store).run_until_idle(study_uid)
+    rows = database.query(
+        "SELECT model_id, model_version, status, COUNT(*) AS n FROM analysis_results WHERE study_uid = ? "
+        "GROUP BY model_id, model_version, status ORDER BY model_id, model_version", (study_uid,))
+    for row in rows:
+        click.echo(f"{row['model_id']} {row['model_version']}: {row['n']} {row['status']}")
+
+
+def _register_groups() -> None:
+    from .analyze.commands import engines, models
+
+    main.add_command(models)
+    main.add_command(engines)
+
+
+_register_groups()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

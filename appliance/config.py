@@ -63,6 +63,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "backend": "auto",
         "threads": 2,
         "workers": 1,
+        "study_quiet_s": 60,
+        "max_attempts": 8,
         "shared_data_dir": str(PROJECT_ROOT.parent / "shared" / "data"),
     },
 }
@@ -119,6 +121,8 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "analyze.backend": _check_backend,
     "analyze.threads": _check_positive,
     "analyze.workers": _check_positive,
+    "analyze.study_quiet_s": _check_non_negative,
+    "analyze.max_attempts": _check_positive,
 }
 
 

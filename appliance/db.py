@@ -103,10 +103,72 @@ def _m001_ingest(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m002_analysis(db: sqlite_utils.Database) -> None:
+    # One job per stored image; the worker routes it to the models that apply.
+    db.execute(
+        """
+        CREATE TABLE analysis_jobs (
+            id INTEGER PRIMARY KEY,
+            sop_instance_uid TEXT NOT NULL REFERENCES instances(sop_instance_uid),
+            study_uid TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TEXT NOT NULL DEFAULT '',
+            last_error TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX idx_jobs_state ON analysis_jobs(state, next_attempt_at)")
+    db.execute("CREATE INDEX idx_jobs_study ON analysis_jobs(study_uid)")
+    # Exactly one result per image, model and model version (a newer version adds a row).
+    db.execute(
+        """
+        CREATE TABLE analysis_results (
+            id INTEGER PRIMARY KEY,
+            sop_instance_uid TEXT NOT NULL,
+            study_uid TEXT NOT NULL,
+            model_id TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            status TEXT NOT NULL,
+            findings_json TEXT NOT NULL DEFAULT '[]',
+            abstention_code TEXT NOT NULL DEFAULT '',
+            abstention_reason TEXT NOT NULL DEFAULT '',
+            error TEXT NOT NULL DEFAULT '',
+            backend TEXT NOT NULL DEFAULT '',
+            precision TEXT NOT NULL DEFAULT '',
+            sr_sop_instance_uid TEXT NOT NULL DEFAULT '',
+            sr_path TEXT NOT NULL DEFAULT '',
+            heatmap_sop_instance_uid TEXT NOT NULL DEFAULT '',
+            heatmap_path TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            UNIQUE (sop_instance_uid, model_id, model_version)
+        )"""
+    )
+    db.execute("CREATE INDEX idx_results_study ON analysis_results(study_uid)")
+    # Events the UI can alert on (urgent results), in order.
+    db.execute(
+        """
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            at TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            study_uid TEXT NOT NULL DEFAULT '',
+            detail TEXT NOT NULL DEFAULT ''
+        )"""
+    )
+    db.execute("ALTER TABLE studies ADD COLUMN priority TEXT NOT NULL DEFAULT 'not_analyzed'")
+    db.execute("ALTER TABLE studies ADD COLUMN priority_rank INTEGER NOT NULL DEFAULT 3")
+    db.execute("ALTER TABLE studies ADD COLUMN score REAL NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE studies ADD COLUMN settled_at TEXT NOT NULL DEFAULT ''")
+    db.execute("CREATE INDEX idx_studies_worklist ON studies(priority_rank, score DESC, first_received_at)")
+
+
 # Numbered migrations: index i + 1 is the schema version after running MIGRATIONS[i].
 # Never edit a shipped migration; append a new one.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m001_ingest,
+    _m002_analysis,
 ]
 
 

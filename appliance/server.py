@@ -23,6 +23,7 @@ class Appliance:
         self.database = open_database(config.data_dir)
         self.store = InstanceStore(config.data_dir, self.database, config["storage"]["min_free_mb"])
         self._scp: Any = None
+        self.worker: Any = None
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -34,7 +35,11 @@ class Appliance:
 
         report = self.store.recover()
         log.info("start-up recovery: %s", report)
-        self._scp = start_scp(self.config, self.store)
+        from .analyze.worker import AnalysisWorker
+
+        self.worker = AnalysisWorker(self.config, self.database, self.store)
+        self.worker.start()
+        self._scp = start_scp(self.config, self.store, on_stored=self.worker.wake)
         http = self.config["http"]
         app = create_app(self.config)
         self._http = create_server(app, host=http["host"], port=http["port"], threads=http["threads"])
@@ -46,6 +51,9 @@ class Appliance:
         if self._scp is not None:
             self._scp.shutdown()
             self._scp = None
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
         if self._http is not None:
             self._http.close()
             self._http = None

@@ -48,6 +48,8 @@ pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MIB = 1024 * 1024
 LOCK_STRIPES = 64
+# Written into every DICOM object the box creates, so it can always tell its own results apart.
+AI_MANUFACTURER = "Clinic Edge Appliance"
 
 
 def utc_now() -> str:
@@ -323,7 +325,8 @@ def _index(
     tx.execute(
         "INSERT INTO studies (study_uid, patient_pk, accession, study_date, study_time, description, "
         "first_received_at, last_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at",
+        # A late image re-opens a settled study (DICOM has no end-of-study signal).
+        "ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at, settled_at = ''",
         (
             study,
             patient_pk,
@@ -369,3 +372,15 @@ def _index(
             now,
         ),
     )
+    if needs_analysis(ds, source):
+        tx.execute(
+            "INSERT INTO analysis_jobs (sop_instance_uid, study_uid, state, created_at, updated_at) "
+            "SELECT ?, ?, 'pending', ?, ? WHERE NOT EXISTS (SELECT 1 FROM analysis_jobs "
+            "WHERE sop_instance_uid = ? AND state IN ('pending', 'running'))",
+            (ids["SOPInstanceUID"], study, now, now, ids["SOPInstanceUID"]),
+        )
+
+
+def needs_analysis(ds: Dataset, source: str) -> bool:
+    """Images from the clinic get an analysis job; the box's own AI results never do."""
+    return "PixelData" in ds and source != "ai" and _text(ds, "Manufacturer") != AI_MANUFACTURER

@@ -121,7 +121,7 @@ def test_echo_and_every_transfer_syntax_stored_byte_identical(server_factory, dc
     assert report["schema_version"] == 1
     assert sum(s["instance_count"] for s in report["studies"]) == len(rows)
     chest = next(s for s in report["studies"] if "CR" in s["modalities"])
-    assert chest["instance_count"] == 3 and chest["state"] == "received"
+    assert chest["instance_count"] == 3 and chest["state"] in ("received", "analyzed")
     assert server.stop() == 0  # clean shutdown on SIGTERM
 
 

@@ -1,0 +1,324 @@
+"""The durable analysis queue and its workers.
+
+Every stored clinic image gets a row in ``analysis_jobs`` in the same transaction as its
+instance row (see ``store._index``).  Workers claim jobs, route each image to the models whose
+manifest applies to its modality, run gate -> preprocess -> infer -> postprocess, store the AI
+results as DICOM (SR + heatmap SC) through the durable store, and then commit the result rows,
+the job state and the study's triage in one transaction.
+
+Exactly once: result rows are unique per (image, model, model version) and the DICOM objects
+get deterministic UIDs, so a crash anywhere re-runs the job without duplicating anything.
+Transient failures (I/O, a busy database, a full disk) retry with capped exponential backoff;
+permanent ones (a model that cannot load, pixels that cannot be decoded) become a visible
+"failed" result for that image and model and never block other jobs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import pydicom
+import pydicom.errors
+from pydicom.uid import generate_uid
+
+from .. import triage
+from ..config import Config
+from ..db import Database
+from ..errors import InferenceError, ManifestError, StoreError
+from ..store import InstanceStore, utc_now
+from .manifest import Manifest, discover_models, load_manifest
+from .runner import AnalysisResult, get_runner
+
+log = logging.getLogger(__name__)
+
+ROUTER = "router"  # pseudo-model recording "no installed model applies"
+BACKOFF_CAP_S = 300
+
+
+class PermanentError(Exception):
+    """Retrying cannot help: record a failed result."""
+
+
+@dataclass
+class Route:
+    model_id: str
+    version: str
+    manifest: Optional[Manifest]
+    error: str = ""
+
+
+def _ts(dt: datetime) -> str:
+    return dt.isoformat(timespec="milliseconds")
+
+
+def route(ds: pydicom.Dataset, engines_dir: Path) -> list[Route]:
+    """The installed models whose applicability lists this image's modality (or any modality).
+
+    A package that fails verification is still routed by its (unverified) applicability, so its
+    cases are visibly marked failed instead of silently skipped.
+    """
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    routes = []
+    for model_id, found in discover_models(engines_dir).items():
+        if isinstance(found, ManifestError):
+            try:
+                loose = load_manifest(engines_dir / model_id, verify=False)
+            except ManifestError:
+                continue  # unreadable manifest: no applicability to route by
+            if not loose.applicability.modalities or modality in loose.applicability.modalities:
+                routes.append(Route(model_id, loose.version, None, f"model package refused: {found}"))
+            continue
+        if not found.applicability.modalities or modality in found.applicability.modalities:
+            routes.append(Route(model_id, found.version, found))
+    return routes
+
+
+def result_uid(source_uid: str, model_id: str, version: str, kind: str) -> str:
+    """Deterministic UID for an AI object, so a re-run replaces instead of duplicating."""
+    return generate_uid(entropy_srcs=[source_uid, model_id, version, kind])
+
+
+class AnalysisWorker:
+    """Worker threads over the ``analysis_jobs`` table."""
+
+    def __init__(self, config: Config, database: Database, store: InstanceStore):
+        self.config = config
+        self.db = database
+        self.store = store
+        self.engines_dir = Path(config["analyze"]["engines_dir"])
+        self.max_attempts = int(config["analyze"]["max_attempts"])
+        self.quiet_s = int(config["analyze"]["study_quiet_s"])
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def recover(self) -> int:
+        """Jobs left 'running' by a crash go back to 'pending'."""
+        with self.db.atomic() as tx:
+            cur = tx.execute("UPDATE analysis_jobs SET state = 'pending' WHERE state = 'running'")
+            return cur.rowcount
+
+    def start(self) -> None:
+        recovered = self.recover()
+        if recovered:
+            log.info("analysis: %d interrupted jobs re-queued", recovered)
+        for i in range(int(self.config["analyze"]["workers"])):
+            thread = threading.Thread(target=self._loop, args=(i == 0,), name=f"analysis-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        self._threads.clear()
+
+    def wake(self, *_args: Any) -> None:
+        self._wake.set()
+
+    def _loop(self, sweeper: bool) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+                if sweeper:
+                    self.settle_quiet_studies()
+            except Exception:  # noqa: BLE001 - a worker thread must survive anything
+                log.exception("analysis worker error")
+                worked = False
+            if not worked:
+                self._wake.wait(1.0)
+                self._wake.clear()
+
+    # -- queue ---------------------------------------------------------------------------
+    def claim(self, study_uid: Optional[str] = None) -> Optional[dict[str, Any]]:
+        now = utc_now()
+        where = "state = 'pending' AND next_attempt_at <= ?"
+        params: list[Any] = [now]
+        if study_uid:
+            where += " AND study_uid = ?"
+            params.append(study_uid)
+        with self.db.atomic() as tx:
+            row = tx.execute(f"SELECT id FROM analysis_jobs WHERE {where} ORDER BY id LIMIT 1", params).fetchone()
+            if row is None:
+                return None
+            tx.execute("UPDATE analysis_jobs SET state = 'running', updated_at = ? WHERE id = ?", (now, row[0]))
+        return self.db.query("SELECT * FROM analysis_jobs WHERE id = ?", (row[0],))[0]
+
+    def run_once(self, study_uid: Optional[str] = None) -> bool:
+        """Claim and process one job; False when there was nothing to do."""
+        job = self.claim(study_uid)
+        if job is None:
+            return False
+        try:
+            self.process(job)
+        except (OSError, sqlite3.OperationalError, StoreError) as exc:
+            self._retry(job, f"{type(exc).__name__}: {exc}")
+        return True
+
+    def run_until_idle(self, study_uid: Optional[str] = None, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.run_once(study_uid):
+                pending = self.db.query(
+                    "SELECT COUNT(*) AS n FROM analysis_jobs WHERE state IN ('pending', 'running')"
+                    + (" AND study_uid = ?" if study_uid else ""), (study_uid,) if study_uid else ())[0]["n"]
+                if not pending:
+                    return
+                time.sleep(0.2)
+
+    def _retry(self, job: dict[str, Any], error: str) -> None:
+        attempts = job["attempts"] + 1
+        now = datetime.now(timezone.utc)
+        if attempts >= self.max_attempts:
+            log.error("analysis job %d failed permanently after %d attempts: %s", job["id"], attempts, error)
+            with self.db.atomic() as tx:
+                tx.execute("UPDATE analysis_jobs SET state = 'failed', attempts = ?, last_error = ?, updated_at = ? "
+                           "WHERE id = ?", (attempts, error, _ts(now), job["id"]))
+                tx.execute("UPDATE instances SET state = 'failed' WHERE sop_instance_uid = ?", (job["sop_instance_uid"],))
+                triage.update_study(tx, job["study_uid"], _ts(now))
+            return
+        delay = min(BACKOFF_CAP_S, 2 ** attempts)
+        log.warning("analysis job %d: transient failure (%s), retry in %ds", job["id"], error, delay)
+        with self.db.atomic() as tx:
+            tx.execute("UPDATE analysis_jobs SET state = 'pending', attempts = ?, last_error = ?, next_attempt_at = ?, "
+                       "updated_at = ? WHERE id = ?",
+                       (attempts, error, _ts(now + timedelta(seconds=delay)), _ts(now), job["id"]))
+
+    # -- one job -------------------------------------------------------------------------
+    def process(self, job: dict[str, Any]) -> None:
+        sop = job["sop_instance_uid"]
+        instance = self.db.query("SELECT file_path FROM instances WHERE sop_instance_uid = ?", (sop,))[0]
+        path = Path(instance["file_path"])
+        rows: list[dict[str, Any]] = []
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
+            rows.append(self._row(job, ROUTER, "1", "failed", error=f"stored file unreadable: {exc}"))
+            self._commit(job, rows)
+            return
+        routes = route(header, self.engines_dir)
+        if not routes:
+            modality = str(header.get("Modality", "") or "unknown")
+            rows.append(self._row(job, ROUTER, "1", "abstained", code="NO_APPLICABLE_MODEL",
+                                  reason=f"no installed model is made for {modality} images"))
+        done = {(r["model_id"], r["model_version"]) for r in self.db.query(
+            "SELECT model_id, model_version FROM analysis_results WHERE sop_instance_uid = ?", (sop,))}
+        for r in routes:
+            if (r.model_id, r.version) in done:
+                continue
+            rows.append(self._analyze(job, header, path, r))
+        self._commit(job, rows)
+
+    def _analyze(self, job: dict[str, Any], header: pydicom.Dataset, path: Path, r: Route) -> dict[str, Any]:
+        if r.manifest is None:
+            return self._row(job, r.model_id, r.version, "failed", error=r.error)
+        try:
+            runner = get_runner(r.model_id, self.config)
+            result = runner.analyze(path)
+        except (ManifestError, InferenceError) as exc:
+            return self._row(job, r.model_id, r.version, "failed", error=f"model cannot run: {exc}")
+        if result.abstention is not None and result.abstention.code == "UNREADABLE_PIXELS" \
+                and result.abstention.reason.startswith("cannot decode"):
+            # Corrupt pixel data is a failure of this case, not a judgement about the image.
+            return self._row(job, r.model_id, r.version, "failed", error=result.abstention.reason)
+        return self._store_result(job, header, result)
+
+    def _store_result(self, job: dict[str, Any], header: pydicom.Dataset, result: AnalysisResult) -> dict[str, Any]:
+        from ..results import build_ai_sr, build_heatmap_sc, write_part10
+
+        sop = job["sop_instance_uid"]
+        study = job["study_uid"]
+        sr_uid = result_uid(sop, result.model, result.model_version, "sr")
+        sr = build_ai_sr(header, result, sop_instance_uid=sr_uid,
+                         series_instance_uid=result_uid(study, result.model, result.model_version, "sr-series"))
+        sr_out = self.store.store(write_part10(sr), source="ai")
+        hm_uid, hm_path = "", ""
+        if result.heatmap is not None:
+            hm_uid = result_uid(sop, result.model, result.model_version, "heatmap")
+            sc = build_heatmap_sc(header, result, sop_instance_uid=hm_uid,
+                                  series_instance_uid=result_uid(study, result.model, result.model_version, "hm-series"))
+            hm_path = str(self.store.store(write_part10(sc), source="ai").path)
+        status = "analyzed" if result.analyzed else "abstained"
+        return self._row(
+            job, result.model, result.model_version, status,
+            findings=[vars(f) for f in result.findings],
+            code=result.abstention.code if result.abstention else "",
+            reason=result.abstention.reason if result.abstention else "",
+            backend=result.backend, precision=result.precision,
+            sr_uid=sr_uid, sr_path=str(sr_out.path), hm_uid=hm_uid, hm_path=hm_path,
+        )
+
+    @staticmethod
+    def _row(job: dict[str, Any], model_id: str, version: str, status: str, *, findings: Any = (), code: str = "",
+             reason: str = "", error: str = "", backend: str = "", precision: str = "", sr_uid: str = "",
+             sr_path: str = "", hm_uid: str = "", hm_path: str = "") -> dict[str, Any]:
+        return {
+            "sop_instance_uid": job["sop_instance_uid"], "study_uid": job["study_uid"], "model_id": model_id,
+            "model_version": version, "status": status, "findings_json": json.dumps(list(findings)),
+            "abstention_code": code, "abstention_reason": reason, "error": error, "backend": backend,
+            "precision": precision, "sr_sop_instance_uid": sr_uid, "sr_path": sr_path,
+            "heatmap_sop_instance_uid": hm_uid, "heatmap_path": hm_path, "created_at": utc_now(),
+        }
+
+    def _commit(self, job: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        """Results, job state, instance state and study triage: one transaction."""
+        now = utc_now()
+        with self.db.atomic() as tx:
+            for row in rows:
+                tx.execute(
+                    f"INSERT OR IGNORE INTO analysis_results ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                    tuple(row.values()),
+                )
+            statuses = {r[0] for r in tx.execute(
+                "SELECT status FROM analysis_results WHERE sop_instance_uid = ?", (job["sop_instance_uid"],))}
+            state = "analyzed" if "analyzed" in statuses else "failed" if "failed" in statuses else "abstained"
+            tx.execute("UPDATE analysis_jobs SET state = 'done', attempts = attempts + 1, updated_at = ? WHERE id = ?",
+                       (now, job["id"]))
+            tx.execute("UPDATE instances SET state = ? WHERE sop_instance_uid = ?", (state, job["sop_instance_uid"]))
+            priority = triage.update_study(tx, job["study_uid"], now)
+        for row in rows:
+            log.info("analysis %s: %s %s (%s)", row["sop_instance_uid"], row["model_id"], row["status"],
+                     row["abstention_code"] or row["error"][:80] or "ok")
+        if priority == "urgent":
+            log.info("study %s is urgent", job["study_uid"])
+
+    # -- study settling ------------------------------------------------------------------
+    def settle_quiet_studies(self) -> int:
+        """Mark studies settled once quiet for ``study_quiet_s`` with no outstanding jobs."""
+        now = datetime.now(timezone.utc)
+        cutoff = _ts(now - timedelta(seconds=self.quiet_s))
+        with self.db.atomic() as tx:
+            cur = tx.execute(
+                "UPDATE studies SET settled_at = ? WHERE settled_at = '' AND last_received_at <= ? AND NOT EXISTS "
+                "(SELECT 1 FROM analysis_jobs j WHERE j.study_uid = studies.study_uid AND j.state IN ('pending', 'running'))",
+                (_ts(now), cutoff),
+            )
+            return cur.rowcount
+
+
+def enqueue_study(database: Database, study_uid: str) -> int:
+    """Queue every clinic image of a study for (re-)analysis; returns the number of jobs added.
+
+    Models already run at their current version are skipped by the worker, so this adds results
+    only for newer model versions (or models installed since), keeping the older results.
+    """
+    now = utc_now()
+    with database.atomic() as tx:
+        cur = tx.execute(
+            "INSERT INTO analysis_jobs (sop_instance_uid, study_uid, state, created_at, updated_at) "
+            "SELECT i.sop_instance_uid, i.study_uid, 'pending', ?, ? FROM instances i "
+            "WHERE i.study_uid = ? AND i.source != 'ai' AND i.sop_instance_uid IN "
+            "(SELECT sop_instance_uid FROM analysis_jobs) AND NOT EXISTS (SELECT 1 FROM analysis_jobs j "
+            "WHERE j.sop_instance_uid = i.sop_instance_uid AND j.state IN ('pending', 'running'))",
+            (now, now, study_uid),
+        )
+        return cur.rowcount

@@ -1,0 +1,95 @@
+"""Study-level triage: a priority and a sortable score from the models' findings.
+
+Priority, most pressing first:
+
+- ``urgent``: some finding of severity ``urgent`` is positive at its operating point;
+- ``review``: some finding of severity ``review`` is positive;
+- ``routine``: at least one model analyzed an image and nothing is positive;
+- ``not_analyzed``: nothing was analyzed (no model applies, every model abstained or failed,
+  or analysis has not run yet).
+
+The score orders studies within a priority: for urgent/review, the highest probability among
+the positive findings of that severity; for routine, the highest probability of any finding
+(a routine study close to a threshold comes before a clearly negative one). The worklist order
+is priority, then score (descending), then arrival (oldest first).
+
+Only the newest version of each model counts for a study: an explicit re-analysis with a newer
+model version keeps the older results for audit but supersedes them for triage.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+PRIORITY_RANK = {"urgent": 0, "review": 1, "routine": 2, "not_analyzed": 3}
+WORKLIST_ORDER = "priority_rank ASC, score DESC, first_received_at ASC"
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in version.split("."))
+
+
+def current_results(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep, per model, only the rows of its newest version present in ``rows``."""
+    rows = list(rows)
+    newest: dict[str, str] = {}
+    for row in rows:
+        model, version = row["model_id"], row["model_version"]
+        if model not in newest or _version_key(version) > _version_key(newest[model]):
+            newest[model] = version
+    return [r for r in rows if newest.get(r["model_id"]) == r["model_version"]]
+
+
+def assess(rows: Iterable[dict[str, Any]]) -> tuple[str, float]:
+    """(priority, score) for a study from its analysis result rows."""
+    analyzed = False
+    best: dict[str, float] = {}
+    top_any = 0.0
+    for row in current_results(rows):
+        if row["status"] != "analyzed":
+            continue
+        analyzed = True
+        for finding in json.loads(row["findings_json"]):
+            p = float(finding["probability"])
+            top_any = max(top_any, p)
+            if finding["positive"]:
+                severity = finding.get("severity", "review")
+                best[severity] = max(best.get(severity, 0.0), p)
+    for severity in ("urgent", "review"):
+        if severity in best:
+            return severity, round(best[severity], 6)
+    if analyzed:
+        return "routine", round(top_any, 6)
+    return "not_analyzed", 0.0
+
+
+def update_study(tx: Any, study_uid: str, now: str) -> str:
+    """Recompute a study's priority, score and state inside the caller's transaction.
+
+    Returns the new priority; records an ``urgent`` event when a study becomes urgent.
+    """
+    rows = [
+        dict(zip(("model_id", "model_version", "status", "findings_json"), r))
+        for r in tx.execute(
+            "SELECT model_id, model_version, status, findings_json FROM analysis_results WHERE study_uid = ?",
+            (study_uid,),
+        ).fetchall()
+    ]
+    priority, score = assess(rows)
+    before = tx.execute("SELECT priority FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+    outstanding = tx.execute(
+        "SELECT COUNT(*) FROM analysis_jobs WHERE study_uid = ? AND state IN ('pending', 'running')", (study_uid,)
+    ).fetchone()[0]
+    tx.execute(
+        "UPDATE studies SET priority = ?, priority_rank = ?, score = ?, "
+        "state = CASE WHEN ? = 0 AND state = 'received' THEN 'analyzed' "
+        "             WHEN ? > 0 AND state = 'analyzed' THEN 'received' ELSE state END "
+        "WHERE study_uid = ?",
+        (priority, PRIORITY_RANK[priority], score, outstanding, outstanding, study_uid),
+    )
+    if priority == "urgent" and (before is None or before[0] != "urgent"):
+        tx.execute(
+            "INSERT INTO events (at, kind, study_uid, detail) VALUES (?, 'urgent', ?, ?)",
+            (now, study_uid, json.dumps({"score": score})),
+        )
+    return priority
