@@ -164,11 +164,66 @@ def _m002_analysis(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_studies_worklist ON studies(priority_rank, score DESC, first_received_at)")
 
 
+def _m003_ui(db: sqlite_utils.Database) -> None:
+    # Web UI accounts.  session_version invalidates every open session of a user when the
+    # password is reset, the role changes or the account is disabled.
+    db.execute(
+        """
+        CREATE TABLE users (
+            id INTEGER PRIMARY KEY,
+            username TEXT NOT NULL UNIQUE COLLATE NOCASE,
+            role TEXT NOT NULL,
+            password_hash TEXT NOT NULL,
+            pin_hash TEXT NOT NULL DEFAULT '',
+            language TEXT NOT NULL DEFAULT 'en',
+            disabled INTEGER NOT NULL DEFAULT 0,
+            failed_logins INTEGER NOT NULL DEFAULT 0,
+            locked_until TEXT NOT NULL DEFAULT '',
+            session_version INTEGER NOT NULL DEFAULT 1,
+            alert_ack_event_id INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            last_login_at TEXT NOT NULL DEFAULT ''
+        )"""
+    )
+    # A clinician's review of a study: one verdict per AI finding plus a free-text note.
+    db.execute(
+        """
+        CREATE TABLE reviews (
+            id INTEGER PRIMARY KEY,
+            study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+            username TEXT NOT NULL,
+            at TEXT NOT NULL,
+            verdicts_json TEXT NOT NULL DEFAULT '{}',
+            note TEXT NOT NULL DEFAULT ''
+        )"""
+    )
+    # Requests to send a study to a destination; the outbox (forwarding issue) consumes them.
+    db.execute(
+        """
+        CREATE TABLE forward_requests (
+            id INTEGER PRIMARY KEY,
+            study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+            destination TEXT NOT NULL,
+            priority TEXT NOT NULL DEFAULT 'routine',
+            state TEXT NOT NULL DEFAULT 'requested',
+            requested_by TEXT NOT NULL,
+            requested_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX idx_reviews_study ON reviews(study_uid)")
+    db.execute("CREATE INDEX idx_forward_study ON forward_requests(study_uid)")
+    db.execute("CREATE INDEX idx_forward_state ON forward_requests(state)")
+    db.execute("CREATE INDEX idx_audit_study ON audit_log(study_uid)")
+    db.execute("CREATE INDEX idx_audit_actor ON audit_log(actor)")
+
+
 # Numbered migrations: index i + 1 is the schema version after running MIGRATIONS[i].
 # Never edit a shipped migration; append a new one.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m001_ingest,
     _m002_analysis,
+    _m003_ui,
 ]
 
 

@@ -1,0 +1,126 @@
+"""Administration (admin role only): users, DICOM connections, models, audit log."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
+from flask_babel import gettext as _
+
+from appliance import accounts, audit
+
+from .. import engines_info
+from ..security import database, roles_required
+from .auth import account_error_words
+from .study import destinations
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+AUDIT_PAGE = 50
+
+
+@bp.before_request
+@roles_required("admin")
+def _admins_only() -> None:
+    """Every admin route, including ones added later, is admin-only."""
+
+
+@bp.get("/")
+def index() -> Any:
+    return redirect(url_for("admin.users"))
+
+
+@bp.get("/users")
+def users() -> Any:
+    return render_template("admin/users.html", users=accounts.list_users(database()), roles=accounts.ROLES,
+                           min_password=accounts.MIN_PASSWORD, now=audit.utc_now())
+
+
+@bp.post("/users")
+def add_user() -> Any:
+    db = database()
+    form = request.form
+    try:
+        user = accounts.create_user(db, form.get("username", ""), form.get("password", ""), form.get("role", ""),
+                                    form.get("language", "en"))
+        if form.get("pin"):
+            accounts.set_pin(db, user.id, form["pin"])
+    except accounts.AccountError as exc:
+        flash(account_error_words(str(exc)), "error")
+        return redirect(url_for("admin.users"))
+    audit.record(db, g.user.username, "user_add", detail={"user": user.username, "role": user.role})
+    flash(_("User %(name)s added.", name=user.username), "ok")
+    return redirect(url_for("admin.users"))
+
+
+@bp.post("/users/<int:user_id>")
+def update_user(user_id: int) -> Any:
+    db = database()
+    target = accounts.get_user(db, user_id)
+    if target is None:
+        abort(404)
+    action = request.form.get("action", "")
+    value = request.form.get("value", "")
+    removes_admin = target.role == "admin" and not target.disabled and (
+        action == "disable" or (action == "role" and value != "admin"))
+    if removes_admin and accounts.active_admins(db) <= 1:
+        flash(_("The last active administrator cannot be disabled or demoted."), "error")
+        return redirect(url_for("admin.users"))
+    try:
+        if action == "role":
+            accounts.set_role(db, user_id, value)
+        elif action == "disable":
+            accounts.set_disabled(db, user_id, True)
+        elif action == "enable":
+            accounts.set_disabled(db, user_id, False)
+        elif action == "password":
+            accounts.set_password(db, user_id, value)
+        elif action == "pin":
+            accounts.set_pin(db, user_id, value or None)
+        else:
+            abort(400)
+    except accounts.AccountError as exc:
+        flash(account_error_words(str(exc)), "error")
+        return redirect(url_for("admin.users"))
+    # Never the secret itself in the audit trail.
+    shown = value if action == "role" else ""
+    audit.record(db, g.user.username, "user_update", detail={"user": target.username, "action": action, "value": shown})
+    flash(_("User %(name)s updated.", name=target.username), "ok")
+    return redirect(url_for("admin.users"))
+
+
+@bp.get("/connections")
+def connections() -> Any:
+    config = current_app.config["APPLIANCE"]
+    return render_template("admin/connections.html", dicom=config["dicom"], destinations=destinations(),
+                           sources=config.sources)
+
+
+@bp.get("/models")
+def models() -> Any:
+    engines_dir = current_app.config["APPLIANCE"]["analyze"]["engines_dir"]
+    return render_template("admin/models.html", models=engines_info.installed(engines_dir), engines_dir=engines_dir)
+
+
+@bp.get("/models/<model_id>/card")
+def model_card(model_id: str) -> Any:
+    engines_dir = Path(current_app.config["APPLIANCE"]["analyze"]["engines_dir"])
+    models = engines_info.installed(engines_dir)
+    if model_id not in models:
+        abort(404)
+    # The id comes from the directory listing above, so the path stays inside engines_dir.
+    card = engines_dir / model_id / "MODEL_CARD.md"
+    text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+    return render_template("admin/model_card.html", model_id=model_id, info=models[model_id], text=text)
+
+
+@bp.get("/audit")
+def audit_log() -> Any:
+    actor = request.args.get("user", "").strip()[:32]
+    study_uid = request.args.get("study", "").strip()[:64]
+    action = request.args.get("action", "")
+    action = action if action in audit.ACTIONS else ""
+    page = max(1, request.args.get("page", 1, type=int) or 1)
+    rows, total = audit.entries(database(), actor, study_uid, action, AUDIT_PAGE, (page - 1) * AUDIT_PAGE)
+    pages = max(1, -(-total // AUDIT_PAGE))
+    return render_template("admin/audit.html", rows=rows, total=total, page=page, pages=pages,
+                           filters={"user": actor, "study": study_uid, "action": action}, actions=audit.ACTIONS)

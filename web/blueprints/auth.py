@@ -1,0 +1,151 @@
+"""Sign-in (password or touchscreen PIN), sign-out, first-administrator set-up, own account."""
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Blueprint, abort, flash, g, redirect, render_template, request, session, url_for
+from flask_babel import gettext as _
+
+from appliance import accounts, audit
+
+from ..i18n import LANGUAGES
+from ..security import database, start_session
+
+bp = Blueprint("auth", __name__)
+
+
+def _safe_next(target: str) -> str:
+    """Only local paths: an open redirect would let a link send users to a look-alike site."""
+    parts = urlsplit(target or "")
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+        return url_for("worklist.index")
+    return target
+
+
+def _locked_message(exc: accounts.LockedError) -> str:
+    minutes = max(1, int(-(-(exc.until.timestamp() - time.time()) // 60)))
+    return _("Too many failed attempts. This account is locked for %(n)d more minute(s).", n=minutes)
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Any:
+    lang = request.args.get("lang")
+    if lang in LANGUAGES:
+        session["lang"] = lang  # the page's language before anyone signs in
+    method = request.values.get("method", "password")
+    if method not in ("password", "pin"):
+        method = "password"
+    reason = request.args.get("reason", "")
+    error = ""
+    status = 200
+    if request.method == "POST":
+        db = database()
+        username = request.form.get("username", "").strip()
+        secret = request.form.get("pin" if method == "pin" else "password", "")
+        try:
+            user = accounts.authenticate(db, username, secret, method)
+        except accounts.LockedError as exc:
+            audit.record(db, username[:32], "login_locked", detail={"method": method})
+            error, status = _locked_message(exc), 429
+        else:
+            if user is None:
+                audit.record(db, username[:32] or "-", "login_failed", detail={"method": method})
+                error = _("Wrong user name, password or PIN.") if method == "password" else \
+                    _("Wrong user name or PIN (PIN sign-in is for staff and viewer accounts).")
+                status = 401
+            else:
+                start_session(user)
+                audit.record(db, user.username, "login", detail={"method": method})
+                return redirect(_safe_next(request.form.get("next", "")))
+    return render_template("auth/login.html", method=method, error=error, reason=reason,
+                           next=request.values.get("next", "")), status
+
+
+@bp.post("/logout")
+def logout() -> Any:
+    audit.record(database(), g.user.username, "logout")
+    language = session.get("lang")
+    session.clear()
+    if language:
+        session["lang"] = language
+    return redirect(url_for("auth.login", reason="signed_out"))
+
+
+@bp.route("/setup", methods=["GET", "POST"])
+def setup() -> Any:
+    """Create the first administrator; exists only while there is no user at all."""
+    db = database()
+    if accounts.user_count(db) > 0:
+        abort(404)
+    error = ""
+    if request.method == "POST":
+        password = request.form.get("password", "")
+        if password != request.form.get("confirm", ""):
+            error = _("The two passwords differ.")
+        else:
+            language = request.form.get("language", "en")
+            try:
+                user = accounts.create_user(db, request.form.get("username", ""), password, "admin",
+                                            language if language in LANGUAGES else "en", only_if_first=True)
+            except accounts.AccountError as exc:
+                error = account_error_words(str(exc))
+            else:
+                audit.record(db, user.username, "setup_admin")
+                start_session(user)
+                return redirect(url_for("worklist.index"))
+    return render_template("auth/setup.html", error=error, min_password=accounts.MIN_PASSWORD), 400 if error else 200
+
+
+def account_error_words(message: str) -> str:
+    """AccountError messages are English (CLI); show the translated equivalent on the web."""
+    if "already exists" in message:
+        return _("That user name is already taken.")
+    if "user names" in message:
+        return _("User names are 1-32 letters, digits, '.', '_' or '-'.")
+    if "passwords need" in message:
+        return _("Passwords need at least %(n)d characters.", n=accounts.MIN_PASSWORD)
+    if "PIN is" in message:
+        return _("A PIN is %(a)d to %(b)d digits.", a=accounts.PIN_LENGTH[0], b=accounts.PIN_LENGTH[1])
+    if "administrators sign in" in message:
+        return _("Administrators sign in with their password only.")
+    return _("The change was refused.")
+
+
+@bp.route("/account", methods=["GET", "POST"])
+def account() -> Any:
+    """The signed-in user's language, password and PIN."""
+    db = database()
+    user = g.user
+    if request.method == "POST":
+        action = request.form.get("action")
+        try:
+            if action == "language":
+                accounts.set_language(db, user.id, request.form.get("language", ""))
+                audit.record(db, user.username, "language_change", detail={"language": request.form.get("language")})
+            elif action in ("password", "pin"):
+                if accounts.authenticate(db, user.username, request.form.get("current", "")) is None:
+                    flash(_("Your current password is not correct."), "error")
+                    return redirect(url_for("auth.account"))
+                if action == "password":
+                    accounts.set_password(db, user.id, request.form.get("new", ""))
+                    audit.record(db, user.username, "password_change")
+                else:
+                    accounts.set_pin(db, user.id, request.form.get("new", "") or None)
+                    audit.record(db, user.username, "pin_change")
+                # Changing a secret ends all sessions of the user; keep this one alive.
+                refreshed = accounts.get_user(db, user.id)
+                if refreshed is not None:
+                    start_session(refreshed)
+            else:
+                abort(400)
+        except accounts.LockedError as exc:
+            flash(_locked_message(exc), "error")
+            return redirect(url_for("auth.account"))
+        except accounts.AccountError as exc:
+            flash(account_error_words(str(exc)), "error")
+            return redirect(url_for("auth.account"))
+        flash(_("Saved."), "ok")
+        return redirect(url_for("auth.account"))
+    return render_template("auth/account.html", min_password=accounts.MIN_PASSWORD)

@@ -1,0 +1,182 @@
+"""The study view: images with the AI heatmap, findings, review and forward requests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, abort, current_app, flash, g, redirect, render_template, request, url_for
+from flask_babel import gettext as _
+
+from appliance import audit, triage
+from appliance.analyze.runner import AI_NOTICE
+from appliance.errors import DecodeError
+
+from .. import engines_info, imaging, queries
+from ..security import database, roles_required
+
+bp = Blueprint("study", __name__, url_prefix="/study")
+
+VERDICTS = ("agree", "disagree", "uncertain")
+FORWARD_PRIORITIES = ("urgent", "routine")
+ROUTER = "router"
+
+
+def destinations() -> list[str]:
+    """Destination names from ``[[destinations]]`` once the forwarding feature adds it to the
+    configuration; an empty list until then (the page says so)."""
+    config = current_app.config["APPLIANCE"]
+    try:
+        configured = config.as_dict().get("destinations", [])
+    except AttributeError:
+        configured = []
+    return [str(d.get("name")) for d in configured if isinstance(d, dict) and d.get("name")]
+
+
+def _study_or_404(study_uid: str) -> dict[str, Any]:
+    rows = database().query(
+        "SELECT s.*, p.patient_id, p.name, p.birth_date, p.sex FROM studies s JOIN patients p ON p.id = s.patient_pk "
+        "WHERE s.study_uid = ?", (study_uid,))
+    if not rows:
+        abort(404)
+    return rows[0]
+
+
+def _results(study_uid: str) -> list[dict[str, Any]]:
+    db = database()
+    engines_dir = current_app.config["APPLIANCE"]["analyze"]["engines_dir"]
+    rows = db.query("SELECT * FROM analysis_results WHERE study_uid = ? ORDER BY id", (study_uid,))
+    current = {r["id"] for r in triage.current_results(rows)}
+    out = []
+    for r in rows:
+        findings = json.loads(r["findings_json"])
+        for f in findings:
+            f["key"] = f"{r['id']}:{f['code']}"
+        out.append({
+            **r, "findings": findings, "current": r["id"] in current,
+            "model_name": _("no model") if r["model_id"] == ROUTER else engines_info.model_name(engines_dir, r["model_id"]),
+            "router": r["model_id"] == ROUTER,
+            "abstain_words": queries.abstention_words(r["abstention_code"]) if r["abstention_code"] else "",
+        })
+    return out
+
+
+def _images(study_uid: str, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = database().query(
+        "SELECT i.sop_instance_uid, i.file_path, i.instance_number, i.state, se.modality, se.body_part, "
+        "se.description AS series_description FROM instances i JOIN series se ON se.series_uid = i.series_uid "
+        "WHERE i.study_uid = ? AND i.source != 'ai' "
+        "ORDER BY se.series_number, CAST(i.instance_number AS INTEGER), i.sop_instance_uid", (study_uid,))
+    by_sop: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_sop.setdefault(r["sop_instance_uid"], []).append(r)
+    for row in rows:
+        row["frames"] = imaging.frame_count(Path(row["file_path"]))
+        row["results"] = by_sop.get(row["sop_instance_uid"], [])
+        row["heatmaps"] = [r for r in row["results"] if r["heatmap_path"] and r["current"]]
+        # The heatmap explains the frame that was analysed: the middle one (decode's rule).
+        row["analysed_frame"] = row["frames"] // 2
+        row["greyscale"] = row["modality"] not in ("US", "XC", "OT", "SC")
+    return rows
+
+
+@bp.get("/<study_uid>")
+def view(study_uid: str) -> Any:
+    db = database()
+    study = _study_or_404(study_uid)
+    results = _results(study_uid)
+    images = _images(study_uid, results)
+    reviews = db.query("SELECT * FROM reviews WHERE study_uid = ? ORDER BY id DESC", (study_uid,))
+    for review in reviews:
+        review["verdicts"] = json.loads(review["verdicts_json"])
+    forwards = db.query("SELECT * FROM forward_requests WHERE study_uid = ? ORDER BY id DESC", (study_uid,))
+    audit.record(db, g.user.username, "view_study", study_uid)
+    summary = queries.ai_summary(results, 0, 0)
+    return render_template(
+        "study.html", study=study, images=images, results=results, reviews=reviews, forwards=forwards,
+        summary=summary, ai_notice=AI_NOTICE, verdicts=VERDICTS, destinations=destinations(),
+        chips=queries.chips(study["state"], forwards), patient_name=queries.patient_name(study["name"]),
+        age=queries.age(study["birth_date"], study["study_date"]), presets=list(imaging.PRESETS),
+        priority_label=queries.priority_words(study["priority"]), forward_priorities=FORWARD_PRIORITIES,
+        last_verdicts=reviews[0]["verdicts"] if reviews else {})
+
+
+def _png(path: Path, frame: Any, preset: str) -> Response:
+    try:
+        png = imaging.render_png(path, frame, preset)
+    except DecodeError:
+        abort(404, description="image")
+    except OSError:
+        abort(404, description="image")
+    return Response(png, mimetype="image/png")
+
+
+@bp.get("/<study_uid>/image/<sop_uid>.png")
+def image(study_uid: str, sop_uid: str) -> Any:
+    rows = database().query("SELECT file_path FROM instances WHERE sop_instance_uid = ? AND study_uid = ? "
+                            "AND source != 'ai'", (sop_uid, study_uid))
+    if not rows:
+        abort(404)
+    frame = request.args.get("frame", type=int)
+    preset = request.args.get("preset", "standard")
+    if preset not in imaging.PRESETS:
+        abort(400)
+    return _png(Path(rows[0]["file_path"]), frame, preset)
+
+
+@bp.get("/<study_uid>/heatmap/<int:result_id>.png")
+def heatmap(study_uid: str, result_id: int) -> Any:
+    rows = database().query("SELECT heatmap_path FROM analysis_results WHERE id = ? AND study_uid = ?",
+                            (result_id, study_uid))
+    if not rows or not rows[0]["heatmap_path"]:
+        abort(404)
+    return _png(Path(rows[0]["heatmap_path"]), None, "standard")
+
+
+@bp.post("/<study_uid>/review")
+@roles_required("admin", "staff")
+def review(study_uid: str) -> Any:
+    _study_or_404(study_uid)
+    keys = {f["key"] for r in _results(study_uid) if r["current"] for f in r["findings"]}
+    verdicts = {}
+    for key in keys:
+        value = request.form.get(f"verdict:{key}", "")
+        if value and value not in VERDICTS:
+            abort(400)
+        if value:
+            verdicts[key] = value
+    note = request.form.get("note", "").strip()[:2000]
+    now = audit.utc_now()
+    with database().atomic() as tx:
+        tx.execute("INSERT INTO reviews (study_uid, username, at, verdicts_json, note) VALUES (?, ?, ?, ?, ?)",
+                   (study_uid, g.user.username, now, json.dumps(verdicts, sort_keys=True), note))
+        # Later stages (sent, report back) are not undone by a new review.
+        tx.execute("UPDATE studies SET state = 'reviewed' WHERE study_uid = ? AND state IN ('received', 'analyzed')",
+                   (study_uid,))
+        audit.record_tx(tx, g.user.username, "review", study_uid,
+                        {"verdicts": verdicts, "note_chars": len(note)})
+    flash(_("Marked as reviewed."), "ok")
+    return redirect(url_for("study.view", study_uid=study_uid))
+
+
+@bp.post("/<study_uid>/forward")
+@roles_required("admin", "staff")
+def forward(study_uid: str) -> Any:
+    _study_or_404(study_uid)
+    configured = destinations()
+    destination = request.form.get("destination", "").strip()[:64]
+    priority = request.form.get("priority", "routine")
+    if priority not in FORWARD_PRIORITIES or not destination:
+        flash(_("Choose a destination and a priority."), "error")
+        return redirect(url_for("study.view", study_uid=study_uid))
+    if configured and destination not in configured:
+        abort(400)
+    now = audit.utc_now()
+    with database().atomic() as tx:
+        tx.execute("INSERT INTO forward_requests (study_uid, destination, priority, requested_by, requested_at, "
+                   "updated_at) VALUES (?, ?, ?, ?, ?, ?)", (study_uid, destination, priority, g.user.username, now, now))
+        audit.record_tx(tx, g.user.username, "forward_request", study_uid,
+                        {"destination": destination, "priority": priority})
+    flash(_("Forwarding to %(dest)s requested. It will be sent when forwarding is set up and a link is available.",
+            dest=destination), "ok")
+    return redirect(url_for("study.view", study_uid=study_uid))

@@ -1,0 +1,205 @@
+"""Read-side queries behind the worklist and the study view, and the plain-words AI summary.
+
+The worklist's first page must render in well under 200 ms with 10,000 studies, so the page
+query uses the worklist index (``triage.WORKLIST_ORDER``) with LIMIT/OFFSET, and everything
+else (modalities, AI results, forward requests) is fetched for the page's studies only.
+"""
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+from typing import Any, Iterable
+
+from flask_babel import gettext as _
+
+from appliance import triage
+
+PRIORITIES = ("urgent", "review", "routine", "not_analyzed")
+STATES = ("received", "analyzed", "reviewed", "sent", "reported")
+ROUTER = "router"
+
+
+def abstention_words(code: str) -> str:
+    """An abstention code (see appliance.analyze.gate) in words a clinic user understands."""
+    words = {
+        "NO_APPLICABLE_MODEL": _("no AI model for this type of image"),
+        "NOT_APPLICABLE_MODALITY": _("not an image type this model reads"),
+        "WRONG_BODY_PART": _("not the body part this model reads"),
+        "WRONG_VIEW": _("not a view this model reads"),
+        "WRONG_PHOTOMETRIC": _("unsupported image encoding"),
+        "COLOUR_IMAGE": _("colour image; this model reads greyscale only"),
+        "TOO_SMALL": _("image too small to analyse"),
+        "UNREADABLE_PIXELS": _("image unreadable or blank"),
+        "OUT_OF_DISTRIBUTION": _("image unlike those the model was trained on"),
+    }
+    return words.get(code, _("the model declined to analyse this image"))
+
+
+def priority_words(priority: str) -> str:
+    return {"urgent": _("Urgent"), "review": _("Review"), "routine": _("Routine"),
+            "not_analyzed": _("Not analysed")}.get(priority, priority)
+
+
+def state_words(state: str) -> str:
+    return {"received": _("Received"), "analyzed": _("Analysed"), "reviewed": _("Reviewed"),
+            "sent": _("Sent"), "reported": _("Report back")}.get(state, state)
+
+
+def age(birth_date: str, at: str = "") -> str:
+    """DICOM DA birth date -> "34 y" / "5 mo" / "12 d" at the study date (else today)."""
+    try:
+        born = datetime.strptime(birth_date, "%Y%m%d").date()
+    except ValueError:
+        return ""
+    try:
+        when = datetime.strptime(at, "%Y%m%d").date() if at else date.today()
+    except ValueError:
+        when = date.today()
+    days = (when - born).days
+    if days < 0:
+        return ""
+    years = when.year - born.year - ((when.month, when.day) < (born.month, born.day))
+    if years >= 2:
+        return _("%(n)d y", n=years)
+    months = (when.year - born.year) * 12 + when.month - born.month - (when.day < born.day)
+    if months >= 1:
+        return _("%(n)d mo", n=months)
+    return _("%(n)d d", n=days)
+
+
+def patient_name(dicom_name: str) -> str:
+    """DICOM PN ``FAMILY^GIVEN^MIDDLE`` -> ``FAMILY, GIVEN MIDDLE``."""
+    parts = [p for p in dicom_name.split("=")[0].split("^")]
+    family, rest = (parts[0], " ".join(p for p in parts[1:] if p)) if parts else ("", "")
+    return f"{family}, {rest}" if rest else family
+
+
+def local_time(iso: str) -> str:
+    try:
+        moment = datetime.fromisoformat(iso).astimezone()
+    except ValueError:
+        return iso
+    if moment.date() == date.today():
+        return moment.strftime("%H:%M")
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+def ai_summary(rows: Iterable[dict[str, Any]], outstanding: int, failed_jobs: int) -> dict[str, str]:
+    """One line for the worklist: what the AI said about the study, in plain words."""
+    rows = triage.current_results(rows)
+    analyzed = [r for r in rows if r["status"] == "analyzed"]
+    positives, top = [], 0.0
+    for r in analyzed:
+        for f in json.loads(r["findings_json"]):
+            top = max(top, float(f["probability"]))
+            if f["positive"]:
+                positives.append(f)
+    if positives:
+        best = max(positives, key=lambda f: float(f["probability"]))
+        return {"kind": "positive", "text": f"{best.get('label', best['code'])} {float(best['probability']):.2f}"}
+    if analyzed:
+        return {"kind": "negative", "text": _("no finding above threshold (highest %(p)s)", p=f"{top:.2f}")}
+    if outstanding:
+        return {"kind": "pending", "text": _("analysis pending")}
+    if failed_jobs or any(r["status"] == "failed" for r in rows):
+        return {"kind": "failed", "text": _("analysis failed")}
+    abstained = [r for r in rows if r["status"] == "abstained"]
+    if abstained:
+        # A model's own refusal says more than the router's "no model applies".
+        chosen = next((r for r in abstained if r["model_id"] != ROUTER), abstained[0])
+        return {"kind": "abstained", "text": _("abstained: %(why)s", why=abstention_words(chosen["abstention_code"]))}
+    return {"kind": "none", "text": _("not analysed")}
+
+
+def _in(values: list[str]) -> str:
+    return ", ".join("?" * len(values))
+
+
+def worklist(database: Any, search: str = "", priority: str = "", state: str = "", page: int = 1,
+             page_size: int = 25) -> dict[str, Any]:
+    """One page of the worklist in triage order, with everything a row shows."""
+    where, params = [], []
+    if search:
+        term = search.strip().replace("*", "").replace(" ", "%").replace(",", "%")
+        where.append("(p.name LIKE ? OR p.patient_id LIKE ? OR s.accession LIKE ?)")
+        params += [f"%{term}%", f"{term}%", f"{term}%"]
+    if priority in PRIORITIES:
+        where.append("s.priority = ?")
+        params.append(priority)
+    if state == "sent":
+        where.append("s.study_uid IN (SELECT study_uid FROM forward_requests)")
+    elif state in STATES:
+        where.append("s.state = ?")
+        params.append(state)
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    total = database.query(f"SELECT COUNT(*) AS n FROM studies s JOIN patients p ON p.id = s.patient_pk {clause}",
+                           tuple(params))[0]["n"]
+    pages = max(1, -(-total // page_size))
+    page = min(max(1, page), pages)
+    studies = database.query(
+        "SELECT s.study_uid, s.state, s.priority, s.score, s.study_date, s.description, s.accession, "
+        "s.first_received_at, s.last_received_at, p.patient_id, p.name, p.birth_date, p.sex "
+        f"FROM studies s JOIN patients p ON p.id = s.patient_pk {clause} "
+        f"ORDER BY {triage.WORKLIST_ORDER}, s.study_uid LIMIT ? OFFSET ?",
+        (*params, page_size, (page - 1) * page_size))
+    uids = [s["study_uid"] for s in studies]
+    details = page_details(database, uids) if uids else {}
+    rows = [decorate(s, details.get(s["study_uid"], {})) for s in studies]
+    return {"rows": rows, "total": total, "page": page, "pages": pages}
+
+
+def page_details(database: Any, uids: list[str]) -> dict[str, dict[str, Any]]:
+    """Modalities, AI results, job counts and forward requests for a set of studies."""
+    out: dict[str, dict[str, Any]] = {u: {"modalities": set(), "results": [], "outstanding": 0, "failed": 0,
+                                          "forwards": []} for u in uids}
+    marks = _in(uids)
+    for r in database.query(
+            f"SELECT DISTINCT se.study_uid, se.modality FROM series se WHERE se.study_uid IN ({marks}) AND EXISTS "
+            "(SELECT 1 FROM instances i WHERE i.series_uid = se.series_uid AND i.source != 'ai')", tuple(uids)):
+        if r["modality"]:
+            out[r["study_uid"]]["modalities"].add(r["modality"])
+    for r in database.query(
+            "SELECT study_uid, model_id, model_version, status, findings_json, abstention_code "
+            f"FROM analysis_results WHERE study_uid IN ({marks})", tuple(uids)):
+        out[r["study_uid"]]["results"].append(r)
+    for r in database.query(
+            "SELECT study_uid, SUM(state IN ('pending', 'running')) AS outstanding, SUM(state = 'failed') AS failed "
+            f"FROM analysis_jobs WHERE study_uid IN ({marks}) GROUP BY study_uid", tuple(uids)):
+        out[r["study_uid"]].update(outstanding=r["outstanding"] or 0, failed=r["failed"] or 0)
+    for r in database.query(f"SELECT study_uid, destination, state FROM forward_requests WHERE study_uid IN ({marks}) "
+                            "ORDER BY id", tuple(uids)):
+        out[r["study_uid"]]["forwards"].append(r)
+    return out
+
+
+def chips(state: str, forwards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The five stages with which are done; "sent" shows as queued while only requested."""
+    reached = {"received": 0, "analyzed": 1, "reviewed": 2, "sent": 3, "reported": 4}.get(state, 0)
+    out = []
+    for index, stage in enumerate(STATES):
+        label, done = state_words(stage), index <= reached
+        if stage == "sent" and not done and forwards:
+            label, done = _("Send queued"), True
+        out.append({"stage": stage, "label": label, "done": done, "current": index == reached})
+    return out
+
+
+def decorate(study: dict[str, Any], detail: dict[str, Any]) -> dict[str, Any]:
+    """A worklist row as the template and the polling API see it (JSON-safe)."""
+    forwards = detail.get("forwards", [])
+    return {
+        "study_uid": study["study_uid"],
+        "priority": study["priority"],
+        "priority_label": priority_words(study["priority"]),
+        "patient_name": patient_name(study["name"]),
+        "patient_id": study["patient_id"],
+        "age": age(study["birth_date"], study["study_date"]),
+        "sex": study["sex"],
+        "modalities": ", ".join(sorted(detail.get("modalities", ()))),
+        "description": study["description"],
+        "received": local_time(study["first_received_at"]),
+        "received_at": study["first_received_at"],
+        "ai": ai_summary(detail.get("results", []), detail.get("outstanding", 0), detail.get("failed", 0)),
+        "state": study["state"],
+        "chips": chips(study["state"], forwards),
+    }
