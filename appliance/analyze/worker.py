@@ -26,12 +26,12 @@ from typing import Any, Optional
 
 import pydicom
 import pydicom.errors
-from pydicom.uid import generate_uid
 
 from .. import triage
 from ..config import Config
 from ..db import Database
 from ..errors import InferenceError, ManifestError, StoreError
+from ..results.common import derived_uid
 from ..store import InstanceStore, utc_now
 from .manifest import Manifest, discover_models, load_manifest
 from .runner import AnalysisResult, get_runner
@@ -82,7 +82,7 @@ def route(ds: pydicom.Dataset, engines_dir: Path) -> list[Route]:
 
 def result_uid(source_uid: str, model_id: str, version: str, kind: str) -> str:
     """Deterministic UID for an AI object, so a re-run replaces instead of duplicating."""
-    return generate_uid(entropy_srcs=[source_uid, model_id, version, kind])
+    return derived_uid(source_uid, model_id, version, kind)
 
 
 class AnalysisWorker:

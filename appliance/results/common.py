@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 from .. import __version__
 from ..analyze.runner import AI_NOTICE, AnalysisResult
 
-MANUFACTURER = "Clinic Edge Appliance"
+from ..store import AI_MANUFACTURER as MANUFACTURER  # one name for "made by this box"
 MODEL_NAME = "Clinic Edge Appliance"
 # UTF-8: the notice's em dash is not in ISO 8859-1, which most modalities declare.
 CHARACTER_SET = "ISO_IR 192"

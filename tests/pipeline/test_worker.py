@@ -1,0 +1,76 @@
+"""The worker in-process: transient failures back off and retry; re-analysis keeps both versions."""
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+from appliance.analyze.worker import AnalysisWorker
+from appliance.config import PROJECT_ROOT, load_config
+from appliance.db import open_database
+from appliance.store import InstanceStore
+from tests.helpers import run_cli, sample
+
+
+@pytest.fixture
+def box(tmp_path):
+    engines = tmp_path / "engines"
+    shutil.copytree(PROJECT_ROOT / "engines", engines)
+    config = load_config(overrides={"storage.data_dir": str(tmp_path / "data"), "analyze.engines_dir": str(engines),
+                                    "storage.min_free_mb": 0}, environ={})
+    database = open_database(config.data_dir)
+    store = InstanceStore(config.data_dir, database, 0)
+    return config, database, store, AnalysisWorker(config, database, store)
+
+
+def test_transient_failure_backs_off_then_succeeds(box):
+    config, database, store, worker = box
+    store.store(sample("RG1_UNCR.dcm").read_bytes())
+    store.min_free_mb = 10**9  # the AI results cannot be written: a transient condition
+    assert worker.run_once()
+    job = database.query("SELECT * FROM analysis_jobs")[0]
+    assert job["state"] == "pending" and job["attempts"] == 1 and job["next_attempt_at"] > job["updated_at"]
+    assert "OutOfSpaceError" in job["last_error"]
+    assert not worker.run_once()  # not before its backoff expires
+    assert database.query("SELECT COUNT(*) AS n FROM analysis_results")[0]["n"] == 0
+
+    store.min_free_mb = 0
+    with database.atomic() as tx:
+        tx.execute("UPDATE analysis_jobs SET next_attempt_at = ''")
+    assert worker.run_once()
+    results = database.query("SELECT model_id, status FROM analysis_results")
+    assert results == [{"model_id": "cxr-pneumonia", "status": "analyzed"}]
+
+
+def test_permanent_transient_failure_marks_case_failed(box):
+    config, database, store, worker = box
+    worker.max_attempts = 2
+    store.store(sample("RG1_UNCR.dcm").read_bytes())
+    store.min_free_mb = 10**9
+    worker.run_once()
+    with database.atomic() as tx:
+        tx.execute("UPDATE analysis_jobs SET next_attempt_at = ''")
+    worker.run_once()
+    assert database.query("SELECT state FROM analysis_jobs")[0]["state"] == "failed"
+    assert database.query("SELECT state FROM instances")[0]["state"] == "failed"
+
+
+def test_reanalysis_with_newer_model_version_keeps_both(box, tmp_path):
+    config, database, store, worker = box
+    outcome = store.store(sample("RG1_UNCR.dcm").read_bytes())
+    worker.run_until_idle()
+    manifest = config.get("analyze.engines_dir") + "/cxr-pneumonia/manifest.toml"
+    text = open(manifest).read()
+    version = re.search(r'^version = "([^"]+)"', text, re.M).group(1)
+    open(manifest, "w").write(text.replace(f'version = "{version}"', 'version = "99.0.0"', 1))
+    env = {"APPLIANCE_ANALYZE_ENGINES_DIR": config.get("analyze.engines_dir"), "APPLIANCE_STORAGE_MIN_FREE_MB": "0"}
+    result = run_cli("analyze", "--study", outcome.study_uid, "--data-dir", str(config.data_dir), env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"cxr-pneumonia {version}: 1 analyzed" in result.stdout
+    assert "cxr-pneumonia 99.0.0: 1 analyzed" in result.stdout
+    # Running it again with nothing new adds nothing.
+    again = run_cli("analyze", "--study", outcome.study_uid, "--data-dir", str(config.data_dir), env=env)
+    assert again.stdout.count("analyzed") == 2
+    unknown = run_cli("analyze", "--study", "1.2.3", "--data-dir", str(config.data_dir), env=env)
+    assert unknown.returncode != 0 and "no study 1.2.3" in unknown.stderr
