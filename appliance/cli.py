@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,11 +34,15 @@ def setup(config_file: str | None, overrides: dict[str, Any] | None = None) -> C
         config = load_config(config_file, overrides)
     except ApplianceError as exc:
         raise click.ClickException(f"configuration error: {exc}") from exc
+    # DICOM libraries' warnings quote element values (patient and physician names, for one):
+    # they must never reach the application log.
+    warnings.filterwarnings("ignore", module=r"(highdicom|pydicom)(\..*)?$")
     logging.basicConfig(
         level=config["log"]["level"].upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     return config
 
 

@@ -89,6 +89,14 @@ def test_chest_cr_ultrasound_clip_and_ct(server_factory):
     assert chest_study["priority"] in ("urgent", "routine")
     assert chest_study["state"] == "analyzed"
     assert elapsed < DEADLINE_S
+    # Patient and physician names never reach the application log.
+    log = server.log_path.read_text()
+    for source in (chest, clip, ct):
+        header = pydicom.dcmread(source, stop_before_pixels=True)
+        for keyword in ("PatientName", "ReferringPhysicianName"):
+            name = str(header.get(keyword, "") or "")
+            if len(name) > 3:
+                assert name not in log, keyword
 
 
 def sr_study(path: Path) -> str:
