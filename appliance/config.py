@@ -71,6 +71,38 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 AE_TITLE_MAX = 16
 
+# Arrays of tables ([[destinations]], [[forward_rules]]): a layer that defines one replaces the
+# lower layers' list.  key -> (default, allowed values or None); a default of None = required.
+DESTINATION_KEYS: dict[str, tuple[Any, tuple | None]] = {
+    "name": (None, None),
+    "kind": (None, ("dicom", "dicomweb")),
+    "host": ("", None),
+    "port": (104, None),
+    "called_ae": ("", None),
+    "calling_ae": ("", None),
+    "tls_ca": ("", None),
+    "tls_cert": ("", None),
+    "tls_key": ("", None),
+    "url": ("", None),
+    "username": ("", None),
+    "password": ("", None),
+    "token": ("", None),
+    "deidentify": (True, None),
+    "allow_burned_in": (False, None),
+    "compress": ("none", ("none", "jpeg2000-lossless", "jpegls-lossless")),
+    "attach_ai_results": (True, None),
+    "send_window": ("", None),
+    "max_rate_kbps": (0, None),
+    "poll_reports_s": (300, None),
+    "report_ae": ("", None),
+}
+FORWARD_RULE_KEYS: dict[str, tuple[Any, tuple | None]] = {
+    "when": (None, ("urgent", "reviewed", "analyzed")),
+    "to": (None, None),
+    "priority": ("routine", ("urgent", "routine")),
+}
+TABLE_ARRAYS = {"destinations": DESTINATION_KEYS, "forward_rules": FORWARD_RULE_KEYS}
+
 
 def _check_ae(key: str, value: str) -> None:
     if not value or len(value) > AE_TITLE_MAX or "\\" in value or not value.isprintable():
@@ -129,12 +161,19 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
 class Config:
     """The effective configuration: ``config["dicom"]["port"]`` or ``config.get("dicom.port")``."""
 
-    def __init__(self, values: dict[str, dict[str, Any]], sources: list[str]):
+    def __init__(self, values: dict[str, Any], sources: list[str]):
         self._values = values
         self.sources = sources
 
-    def __getitem__(self, section: str) -> dict[str, Any]:
+    def __getitem__(self, section: str) -> Any:
         return self._values[section]
+
+    def destination(self, name: str) -> dict[str, Any]:
+        for dest in self._values["destinations"]:
+            if dest["name"] == name:
+                return dest
+        known = ", ".join(d["name"] for d in self._values["destinations"]) or "none configured"
+        raise ConfigError(f"no destination named {name!r} (known: {known})")
 
     def get(self, dotted: str) -> Any:
         section, key = dotted.split(".", 1)
@@ -144,16 +183,18 @@ class Config:
     def data_dir(self) -> Path:
         return Path(self._values["storage"]["data_dir"])
 
-    def as_dict(self) -> dict[str, dict[str, Any]]:
+    def as_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self._values)
 
-    def masked(self) -> dict[str, dict[str, Any]]:
+    def masked(self) -> dict[str, Any]:
         """A copy safe to log: values of secret-looking keys replaced by ``***``."""
         out = self.as_dict()
-        for section in out.values():
-            for key, value in section.items():
+        tables = [t for t in out.values() if isinstance(t, dict)]
+        tables += [entry for name in TABLE_ARRAYS for entry in out[name]]
+        for table in tables:
+            for key, value in table.items():
                 if value and any(word in key for word in SECRET_WORDS):
-                    section[key] = "***"
+                    table[key] = "***"
         return out
 
     def log_effective(self) -> None:
@@ -206,8 +247,70 @@ def _coerce(key: str, default: Any, value: Any, origin: str) -> Any:
     return value
 
 
-def _merge(values: dict[str, dict[str, Any]], layer: Mapping[str, Any], origin: str) -> None:
+def _table_array(name: str, entries: Any, origin: str) -> list[dict[str, Any]]:
+    """Validate one ``[[name]]`` array: known keys, required keys, types, allowed values."""
+    schema = TABLE_ARRAYS[name]
+    if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
+        raise ConfigError(f"{name} (from {origin}): expected an array of tables ([[{name}]])")
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"{name}[{i}]"
+        item: dict[str, Any] = {}
+        for key, value in entry.items():
+            if key not in schema:
+                raise ConfigError(f"{where}.{key} (from {origin}): unknown key")
+        for key, (default, allowed) in schema.items():
+            if key not in entry:
+                if default is None:
+                    raise ConfigError(f"{where}.{key} (from {origin}): required")
+                item[key] = default
+                continue
+            item[key] = _coerce(f"{where}.{key}", "" if default is None else default, entry[key], origin)
+            if allowed and item[key] not in allowed:
+                raise ConfigError(f"{where}.{key} (from {origin}): {item[key]!r} is not one of {', '.join(allowed)}")
+        out.append(item)
+    return out
+
+
+def _check_forwarding(values: dict[str, Any]) -> None:
+    names = [d["name"] for d in values["destinations"]]
+    for i, dest in enumerate(values["destinations"]):
+        where = f"destinations[{i}] ({dest['name']})"
+        if names.count(dest["name"]) > 1:
+            raise ConfigError(f"{where}.name: duplicate destination name")
+        if dest["kind"] == "dicom":
+            if not dest["host"]:
+                raise ConfigError(f"{where}.host: required for kind = \"dicom\"")
+            _check_ae(f"{where}.called_ae", dest["called_ae"])
+            _check_port(f"{where}.port", dest["port"])
+        elif not dest["url"].startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.url: a DICOMweb base URL (https://...) is required for kind = \"dicomweb\"")
+        if dest["send_window"] and not _valid_window(dest["send_window"]):
+            raise ConfigError(f"{where}.send_window: {dest['send_window']!r} is not HH:MM-HH:MM")
+        _check_non_negative(f"{where}.max_rate_kbps", dest["max_rate_kbps"])
+        _check_positive(f"{where}.poll_reports_s", dest["poll_reports_s"])
+    for i, rule in enumerate(values["forward_rules"]):
+        if rule["to"] not in names:
+            raise ConfigError(f"forward_rules[{i}].to: no destination named {rule['to']!r}")
+
+
+def _valid_window(text: str) -> bool:
+    try:
+        start, end = text.split("-")
+        for part in (start, end):
+            hours, minutes = part.strip().split(":")
+            if not (0 <= int(hours) <= 23 and 0 <= int(minutes) <= 59):
+                return False
+    except ValueError:
+        return False
+    return True
+
+
+def _merge(values: dict[str, Any], layer: Mapping[str, Any], origin: str) -> None:
     for section, table in layer.items():
+        if section in TABLE_ARRAYS:
+            values[section] = _table_array(section, table, origin)
+            continue
         if section not in DEFAULTS:
             raise ConfigError(f"{section} (from {origin}): unknown section; known: {', '.join(DEFAULTS)}")
         if not isinstance(table, Mapping):
@@ -224,6 +327,8 @@ def _env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
         rest = name[len(ENV_PREFIX):].lower()
+        if rest.startswith("destinations_"):
+            continue  # applied per destination by _env_destinations
         for section in DEFAULTS:
             if rest.startswith(section + "_"):
                 layer.setdefault(section, {})[rest[len(section) + 1:]] = value
@@ -231,6 +336,22 @@ def _env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         else:
             raise ConfigError(f"{name}: unknown configuration section in environment variable")
     return layer
+
+
+def _env_destinations(values: dict[str, Any], environ: Mapping[str, str]) -> bool:
+    """``APPLIANCE_DESTINATIONS_<NAME>_<KEY>`` sets a key of the destination called NAME
+    (upper-cased, non-alphanumerics as ``_``), so passwords and tokens need not be in a file."""
+    applied = False
+    for dest in values["destinations"]:
+        prefix = ENV_PREFIX + "DESTINATIONS_" + "".join(c if c.isalnum() else "_" for c in dest["name"].upper()) + "_"
+        for name, value in environ.items():
+            if name.startswith(prefix):
+                key = name[len(prefix):].lower()
+                if key not in DESTINATION_KEYS or key in ("name", "kind"):
+                    raise ConfigError(f"{name}: unknown destination key {key!r}")
+                dest[key] = _coerce(f"destinations.{dest['name']}.{key}", DESTINATION_KEYS[key][0], value, "environment")
+                applied = True
+    return applied
 
 
 def load_config(
@@ -245,7 +366,8 @@ def load_config(
     values are ignored so unset flags do not mask lower layers.
     """
     environ = os.environ if environ is None else environ
-    values = copy.deepcopy(DEFAULTS)
+    values: dict[str, Any] = copy.deepcopy(DEFAULTS)
+    values.update({name: [] for name in TABLE_ARRAYS})
     sources = ["defaults"]
     if firmware_file is not None and firmware_file.exists():
         _merge(values, _read_toml(firmware_file), str(firmware_file))
@@ -257,6 +379,7 @@ def load_config(
     env_layer = _env_layer(environ)
     if env_layer:
         _merge(values, env_layer, "environment")
+    if env_layer or _env_destinations(values, environ):
         sources.append("environment")
     cli_layer: dict[str, dict[str, Any]] = {}
     for dotted, value in (overrides or {}).items():
@@ -269,4 +392,5 @@ def load_config(
     for dotted, check in CHECKS.items():
         section, key = dotted.split(".", 1)
         check(dotted, values[section][key])
+    _check_forwarding(values)
     return Config(values, sources)

@@ -91,3 +91,58 @@ def test_serve_logs_effective_config_masked_and_healthz(server_factory):
     assert "effective configuration" in log and '"secret_key": "***"' in log
     assert "s3cr3t-value" not in log
     assert "received SIGTERM, stopping" in log and "stopped" in log
+
+
+DESTS = """
+[[destinations]]
+name = "hub"
+kind = "dicomweb"
+url = "https://hub.example/dicom-web"
+username = "clinic7"
+send_window = "22:00-06:00"
+
+[[destinations]]
+name = "radiology pacs"
+kind = "dicom"
+host = "10.0.0.5"
+called_ae = "PACS"
+compress = "jpeg2000-lossless"
+
+[[forward_rules]]
+when = "urgent"
+to = "hub"
+priority = "urgent"
+"""
+
+
+def test_destinations_and_rules_with_secrets_from_environment(tmp_path):
+    site = write(tmp_path / "site.toml", DESTS)
+    env = {"APPLIANCE_DESTINATIONS_HUB_PASSWORD": "pw-from-env", "APPLIANCE_DESTINATIONS_RADIOLOGY_PACS_PORT": "11113"}
+    config = load_config(site, environ=env, firmware_file=None)
+    hub = config.destination("hub")
+    assert hub["password"] == "pw-from-env" and hub["deidentify"] is True and hub["max_rate_kbps"] == 0
+    assert config.destination("radiology pacs")["port"] == 11113
+    assert config["forward_rules"] == [{"when": "urgent", "to": "hub", "priority": "urgent"}]
+    masked = json.dumps(config.masked())
+    assert "pw-from-env" not in masked and "clinic7" in masked
+    with pytest.raises(ConfigError, match="no destination named 'nope'"):
+        config.destination("nope")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[[destinations]]\nname = "a"\nkind = "ftp"\n', "destinations[0].kind"),
+        ('[[destinations]]\nkind = "dicom"\n', "destinations[0].name (from"),
+        ('[[destinations]]\nname = "a"\nkind = "dicom"\ncalled_ae = "X"\n', "host: required"),
+        ('[[destinations]]\nname = "a"\nkind = "dicomweb"\nurl = "hub"\n', "url: a DICOMweb base URL"),
+        ('[[destinations]]\nname = "a"\nkind = "dicomweb"\nurl = "https://h"\nsend_window = "late"\n', "send_window"),
+        ('[[destinations]]\nname = "a"\nkind = "dicomweb"\nurl = "https://h"\ncompress = "zip"\n', "compress"),
+        ('[[destinations]]\nname = "a"\nkind = "dicomweb"\nurl = "https://h"\ncolour = 1\n', "destinations[0].colour"),
+        ('[[forward_rules]]\nwhen = "urgent"\nto = "nowhere"\n', "forward_rules[0].to: no destination named"),
+    ],
+)
+def test_invalid_destinations(tmp_path, text, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path / "site.toml", text), environ={}, firmware_file=None)
+    assert message in str(info.value)
