@@ -74,7 +74,7 @@ def list_models(as_json: bool, config_file: Optional[str]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write an HTML report.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
-              help="Default: what the worker uses (int8 when the package has it).")
+              help="Default: what the worker uses (fp32 on ONNX Runtime, int8/fp16 on TensorRT).")
 @click.option("--finding", "finding_code", default=None, help="Finding code (default: the first).")
 @_config_option
 def validate_cmd(model_id: str, directory: str, as_json: bool, report_path: Optional[str],

@@ -17,7 +17,7 @@ from tests.analyze.toy_package import MODEL_ID, build_package, toy_engines  # no
 
 def test_result_object(toy_engines: Path) -> None:  # noqa: F811
     runner = ModelRunner.load(load_manifest(toy_engines / MODEL_ID), backend="auto", threads=1)
-    assert runner.precision == "int8"  # default: the package's accuracy-checked INT8 model
+    assert runner.precision == "fp32"  # CPU default: the reference precision
     result = runner.analyze(get_testdata_file("RG1_UNCR.dcm"))
     d = result.to_dict()
     json.dumps(d)
@@ -47,7 +47,8 @@ def test_runner_cache_and_config(toy_engines: Path, tmp_path: Path) -> None:  # 
     config = load_config(overrides={"analyze.engines_dir": str(toy_engines), "analyze.backend": "onnxruntime",
                                     "storage.data_dir": str(tmp_path)}, environ={})
     assert get_runner(MODEL_ID, config) is get_runner(MODEL_ID, config)
-    assert get_runner(MODEL_ID, config, "fp32") is not get_runner(MODEL_ID, config)
+    assert get_runner(MODEL_ID, config, "int8") is not get_runner(MODEL_ID, config)
+    assert get_runner(MODEL_ID, config, "int8").precision == "int8"
     result = analyze_image(get_testdata_file("CT_small.dcm"), MODEL_ID, config)
     assert result.abstention.code == "NOT_APPLICABLE_MODALITY"
 
