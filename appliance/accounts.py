@@ -256,10 +256,14 @@ def authenticate(database: Any, username: str, secret: str, method: str = "passw
 
 
 def _open(config_file: Optional[str], data_dir: Optional[str]) -> Any:
-    from .cli import setup
+    # Not appliance.cli.setup: this module must stay importable without the CLI module.
+    from .config import load_config
     from .db import open_database
 
-    config = setup(config_file, {"storage.data_dir": data_dir})
+    try:
+        config = load_config(config_file, {"storage.data_dir": data_dir})
+    except ApplianceError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from exc
     return open_database(config.data_dir)
 
 

@@ -1,0 +1,92 @@
+"""Accounts: KDF hashes, lockout timing, and the `appliance users` click group."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from appliance import accounts
+from appliance.accounts import users
+from appliance.db import open_database
+
+
+@pytest.fixture
+def db(tmp_path: Path):
+    return open_database(tmp_path / "data")
+
+
+def test_hashes_are_salted_scrypt_and_verify(db) -> None:
+    first, second = accounts.hash_secret("same-secret"), accounts.hash_secret("same-secret")
+    assert first.startswith("scrypt$") and first != second
+    assert accounts.verify_secret("same-secret", first) and not accounts.verify_secret("other", first)
+    assert not accounts.verify_secret("x", "garbage") and not accounts.verify_secret("x", "md5$1$2$3$4$5")
+    user = accounts.create_user(db, "nurse", "nurse-password", "staff")
+    stored = db.query("SELECT password_hash FROM users WHERE id = ?", (user.id,))[0]["password_hash"]
+    assert "nurse-password" not in stored and stored.startswith("scrypt$")
+
+
+def test_validation(db) -> None:
+    with pytest.raises(accounts.AccountError):
+        accounts.create_user(db, "x", "short", "staff")
+    with pytest.raises(accounts.AccountError):
+        accounts.create_user(db, "bad name!", "long-enough-1", "staff")
+    with pytest.raises(accounts.AccountError):
+        accounts.create_user(db, "ok", "long-enough-1", "superuser")
+    accounts.create_user(db, "ok", "long-enough-1", "viewer")
+    with pytest.raises(accounts.AccountError):
+        accounts.create_user(db, "OK", "long-enough-1", "viewer")  # names are case-insensitive
+    with pytest.raises(accounts.AccountError):
+        accounts.set_pin(db, accounts.find_user(db, "ok").id, "12ab")
+    with pytest.raises(accounts.AccountError):
+        accounts.create_user(db, "second", "long-enough-1", "admin", only_if_first=True)
+
+
+def test_lockout_window(db) -> None:
+    user = accounts.create_user(db, "nurse", "nurse-password", "staff")
+    accounts.set_pin(db, user.id, "1234")
+    now = datetime.now(timezone.utc)
+    for _ in range(accounts.MAX_FAILURES - 1):
+        assert accounts.authenticate(db, "nurse", "9999", "pin", now=now) is None
+    with pytest.raises(accounts.LockedError):
+        accounts.authenticate(db, "nurse", "wrong-password", "password", now=now)  # one shared counter
+    with pytest.raises(accounts.LockedError):
+        accounts.authenticate(db, "nurse", "1234", "pin", now=now + timedelta(seconds=accounts.LOCKOUT_S - 1))
+    later = now + timedelta(seconds=accounts.LOCKOUT_S + 1)
+    assert accounts.authenticate(db, "nurse", "1234", "pin", now=later) is not None
+    assert accounts.find_user(db, "nurse").failed_logins == 0
+    assert accounts.authenticate(db, "nobody", "x") is None  # unknown users do not raise
+
+
+def test_disabled_user_cannot_sign_in(db) -> None:
+    user = accounts.create_user(db, "temp", "temp-password", "staff")
+    accounts.set_disabled(db, user.id, True)
+    assert accounts.authenticate(db, "temp", "temp-password") is None
+    assert accounts.find_user(db, "temp").session_version == user.session_version + 1
+
+
+def test_users_cli_add_list_set_pin(tmp_path: Path) -> None:
+    runner = CliRunner()
+    data_dir = str(tmp_path / "data")
+    env = {"APPLIANCE_STORAGE_DATA_DIR": data_dir}
+    result = runner.invoke(users, ["list", "--data-dir", data_dir], env=env)
+    assert result.exit_code == 0 and "no users" in result.output
+    result = runner.invoke(users, ["add", "--role", "admin", "--data-dir", data_dir, "boss"],
+                           input="boss-password-1\nboss-password-1\n", env=env)
+    assert result.exit_code == 0, result.output
+    assert "boss-password-1" not in result.output.replace("Password: \n", "")  # hidden input, never echoed
+    mismatch = runner.invoke(users, ["add", "--role", "staff", "--data-dir", data_dir, "nurse"],
+                             input="nurse-password-1\nsomething-else\nnurse-password-1\nnurse-password-1\n", env=env)
+    assert mismatch.exit_code == 0 and "do not match" in mismatch.output
+    weak = runner.invoke(users, ["add", "--role", "viewer", "--data-dir", data_dir, "v"], input="short\nshort\n", env=env)
+    assert weak.exit_code != 0 and "at least" in weak.output
+    pin = runner.invoke(users, ["set-pin", "--data-dir", data_dir, "nurse"], input="2468\n2468\n", env=env)
+    assert pin.exit_code == 0, pin.output
+    admin_pin = runner.invoke(users, ["set-pin", "--data-dir", data_dir, "boss"], input="2468\n2468\n", env=env)
+    assert admin_pin.exit_code != 0 and "password only" in admin_pin.output
+    listing = runner.invoke(users, ["list", "--data-dir", data_dir], env=env).output
+    assert "boss" in listing and "admin" in listing and "nurse" in listing and "pin=yes" in listing
+    db = open_database(Path(data_dir))
+    assert accounts.authenticate(db, "boss", "boss-password-1").role == "admin"
+    assert accounts.authenticate(db, "nurse", "2468", "pin") is not None
