@@ -115,7 +115,7 @@ def start_session(user: accounts.User) -> None:
 def _login_redirect(reason: str = "") -> ResponseReturnValue:
     if wants_json():
         return jsonify(error="login required", reason=reason or "no session"), 401
-    args = {"next": request.full_path.rstrip("?")} if request.method == "GET" else {}
+    args: dict[str, Any] = {"next": request.full_path.rstrip("?")} if request.method == "GET" else {}
     if reason:
         args["reason"] = reason
     return redirect(url_for("auth.login", **args))

@@ -154,3 +154,34 @@ def test_status_and_admin_screens(study_app: Any) -> None:
     audit_page = client.get("/admin/audit?user=admin&action=user_add").text
     assert "nurse2" in audit_page
     assert "1 entries" in audit_page or "· 1 " in audit_page
+
+
+def test_configured_destinations_are_offered(tmp_path: Any, study_app: Any) -> None:
+    from appliance.config import load_config
+    from appliance.errors import ConfigError
+    from web import create_app
+
+    site = tmp_path / "site.toml"
+    site.write_text('[[destinations]]\nname = "hub"\nkind = "dicom"\nhost = "10.0.0.5"\nport = 104\n'
+                    'called_ae = "HUB"\npassword = "s3cret-value"\n')
+    data_dir = study_app.config["APPLIANCE"].data_dir
+    try:
+        config = load_config(site, {"storage.data_dir": str(data_dir),
+                                    "analyze.engines_dir": study_app.config["APPLIANCE"]["analyze"]["engines_dir"]},
+                             environ={})
+    except ConfigError as exc:
+        import pytest
+
+        pytest.skip(f"this configuration has no [[destinations]] yet: {exc}")
+    app = create_app(config, {"TESTING": True})
+    client = app.test_client()
+    token = login(client, "admin")
+    uid = study_app.config["STUDY_UIDS"][CHEST]
+    assert "<option>hub</option>" in client.get(f"/study/{uid}").text
+    assert client.post(f"/study/{uid}/forward", data={"csrf_token": token, "destination": "elsewhere",
+                                                      "priority": "routine"}).status_code == 400
+    assert client.post(f"/study/{uid}/forward", data={"csrf_token": token, "destination": "hub",
+                                                      "priority": "routine"}).status_code == 302
+    page = client.get("/admin/connections").text
+    assert "HUB@10.0.0.5:104" in page and "s3cret-value" not in page
+    assert "s3cret-value" not in client.get("/status").text

@@ -12,7 +12,7 @@ from appliance import accounts, audit
 from .. import engines_info
 from ..security import database, roles_required
 from .auth import account_error_words
-from .study import destinations
+from .study import destination_details
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 AUDIT_PAGE = 50
@@ -91,7 +91,7 @@ def update_user(user_id: int) -> Any:
 @bp.get("/connections")
 def connections() -> Any:
     config = current_app.config["APPLIANCE"]
-    return render_template("admin/connections.html", dicom=config["dicom"], destinations=destinations(),
+    return render_template("admin/connections.html", dicom=config["dicom"], destinations=destination_details(),
                            sources=config.sources)
 
 

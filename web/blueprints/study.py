@@ -22,15 +22,18 @@ FORWARD_PRIORITIES = ("urgent", "routine")
 ROUTER = "router"
 
 
+SHOWN_DESTINATION_KEYS = ("name", "kind", "host", "port", "called_ae", "url", "deidentify")
+
+
+def destination_details() -> list[dict[str, Any]]:
+    """``[[destinations]]`` from the configuration, without credentials (never shown on screen)."""
+    configured = current_app.config["APPLIANCE"].as_dict().get("destinations", [])
+    return [{k: d.get(k) for k in SHOWN_DESTINATION_KEYS} for d in configured if isinstance(d, dict) and d.get("name")]
+
+
 def destinations() -> list[str]:
-    """Destination names from ``[[destinations]]`` once the forwarding feature adds it to the
-    configuration; an empty list until then (the page says so)."""
-    config = current_app.config["APPLIANCE"]
-    try:
-        configured = config.as_dict().get("destinations", [])
-    except AttributeError:
-        configured = []
-    return [str(d.get("name")) for d in configured if isinstance(d, dict) and d.get("name")]
+    """Destination names; empty while none is configured (the pages say so)."""
+    return [str(d["name"]) for d in destination_details()]
 
 
 def _study_or_404(study_uid: str) -> dict[str, Any]:
