@@ -25,7 +25,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +62,7 @@ class Spec:
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 5e-4
-    extra: dict = field(default_factory=dict)
+    tta_hflip: bool = False             # average each member over the image and its mirror
 
 
 SPECS = {
@@ -134,16 +134,20 @@ class Member(nn.Module):
 class Ensemble(nn.Module):
     """The exported graph: averaged probabilities, averaged CAM, concatenated embedding."""
 
-    def __init__(self, members: list[Member], temperature: float) -> None:
+    def __init__(self, members: list[Member], temperature: float, tta_hflip: bool = False) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.inv_t = 1.0 / float(temperature)
+        self.tta_hflip = tta_hflip
 
     def forward(self, image: torch.Tensor):  # type: ignore[override]
         probs, cams, embs = [], [], []
         size = None
         for m in self.members:
             f = m.features(image)
+            if self.tta_hflip:
+                # mirrored pass, mapped back so the CAM stays registered to the input
+                f = 0.5 * (f + torch.flip(m.features(torch.flip(image, dims=[3])), dims=[3]))
             pooled = f.mean(dim=(2, 3))
             logit = m.fc(pooled)
             probs.append(torch.sigmoid(logit * self.inv_t))
@@ -193,13 +197,27 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _member_logits(m: Member, x: torch.Tensor) -> np.ndarray:
+def _member_logits(m: Member, x: torch.Tensor, tta_hflip: bool = False) -> np.ndarray:
     m.eval()
-    return torch.cat([m(x[i:i + 512])[0] for i in range(0, len(x), 512)]).numpy()
+    out = []
+    for i in range(0, len(x), 512):
+        f = m.features(x[i:i + 512])
+        if tta_hflip:
+            f = 0.5 * (f + torch.flip(m.features(torch.flip(x[i:i + 512], dims=[3])), dims=[3]))
+        out.append(m.fc(f.mean(dim=(2, 3))).squeeze(1))
+    return torch.cat(out).numpy()
 
 
 def train_member(arch: str, seed: int, spec: Spec, xtr: torch.Tensor, ytr: torch.Tensor,
-                 xva: torch.Tensor, yva: np.ndarray, epochs: int) -> Member:
+                 xva: torch.Tensor, yva: np.ndarray, epochs: int, cache_dir: Path | None = None) -> Member:
+    cached = None
+    if cache_dir is not None:
+        cached = cache_dir / f"{spec.model_id}-{arch}-{seed}-{epochs}ep-{spec.lr}-{spec.batch_size}.pt"
+        if cached.is_file():
+            m = Member(arch)
+            m.load_state_dict(torch.load(cached))
+            print(f"    {arch}/{seed}: loaded {cached}", flush=True)
+            return m.eval()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     m = Member(arch)
@@ -231,6 +249,9 @@ def train_member(arch: str, seed: int, spec: Spec, xtr: torch.Tensor, ytr: torch
             print(f"    {arch}/{seed} epoch {ep + 1}/{epochs} loss {loss.item():.3f} "
                   f"val AUC {auc:.4f} ({time.time() - t0:.0f}s)", flush=True)
     m.eval()
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(m.state_dict(), cached)
     return m
 
 
@@ -478,7 +499,7 @@ The official test split was not available and was not used."""
 - Augmentation: random rotation ±{spec.max_rotation:.0f}°, scale ±10%, shift ±2.5 px,
   {"horizontal flip (probe orientation is arbitrary)" if spec.hflip else "no flips (chest anatomy is not left-right symmetric)"},
   mild gamma/contrast/brightness jitter.
-- AdamW (lr {spec.lr}, weight decay {spec.weight_decay}), batch {spec.batch_size},
+{"- Test-time augmentation inside the graph: each member averages its last features over the image and its mirror image (mapped back), so `probs`, `cam` and `embedding` are flip-averaged." + chr(10) if spec.tta_hflip else ""}- AdamW (lr {spec.lr}, weight decay {spec.weight_decay}), batch {spec.batch_size},
   {spec.epochs} epochs, one warm-up epoch then cosine decay, BCE with label smoothing 0.02.
   The last epoch is kept (no early stopping on validation).
 - Output: mean of the members' sigmoid(logit / T), one temperature T = {r['temperature']:.3f}
@@ -518,7 +539,7 @@ embeddings (Ledoit-Wolf shrinkage {r['shrinkage']:.3f}); images above {_fmt(r['o
 
 
 def build_package(spec: Spec, data_dir: Path, engines_dir: Path, epochs: int | None,
-                  quantize: bool) -> dict:
+                  quantize: bool, cache_dir: Path | None = None) -> dict:
     t_start = time.time()
     npz = np.load(data_dir / spec.data_file)
     tr_img, va_img = npz["train_images"], npz["val_images"]
@@ -531,9 +552,9 @@ def build_package(spec: Spec, data_dir: Path, engines_dir: Path, epochs: int | N
 
     members, member_logits = [], []
     for arch, seed in spec.members:
-        m = train_member(arch, seed, spec, xtr, torch.from_numpy(ytr), xva, yva, ep)
+        m = train_member(arch, seed, spec, xtr, torch.from_numpy(ytr), xva, yva, ep, cache_dir)
         members.append(m)
-        member_logits.append(_member_logits(m, xva))
+        member_logits.append(_member_logits(m, xva, spec.tta_hflip))
     logits = np.stack(member_logits)
     member_aucs = [roc_auc(yva, lg) for lg in logits]
     temperature = fit_temperature(logits, yva)
@@ -544,7 +565,7 @@ def build_package(spec: Spec, data_dir: Path, engines_dir: Path, epochs: int | N
     for stale in ("model.int8.onnx",):
         if (pkg / stale).exists():
             (pkg / stale).unlink()
-    ens = Ensemble(members, temperature).eval()
+    ens = Ensemble(members, temperature, spec.tta_hflip).eval()
     export_onnx(ens, pkg / "model.onnx")
 
     # everything below uses the exported graph through ONNX Runtime, as the box will
@@ -612,13 +633,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override (smoke tests only)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-quantize", action="store_true")
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="keep/reuse trained member weights here (outside git), e.g. /tmp/refmodels")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     np.random.seed(0)
     t0 = time.time()
     for mid in args.models:
-        build_package(SPECS[mid], args.data_dir, args.engines_dir, args.epochs, not args.no_quantize)
+        build_package(SPECS[mid], args.data_dir, args.engines_dir, args.epochs, not args.no_quantize,
+                      args.cache_dir)
     print(f"total {(time.time() - t0) / 60:.1f} min")
     return 0
 
