@@ -30,6 +30,19 @@ ADMIN, PASSWORD = "clinic-admin", "a-long-admin-password"
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed")
 
 
+TARGETS = ("button, a.btn, a.navlink, a.study-row, select, textarea, .seg span, "
+           "input:not([type=hidden]):not([type=radio])")
+SMALL_TARGETS_JS = """els => els.filter(e => e.offsetParent !== null).map(e => {
+  const r = e.getBoundingClientRect();
+  return [e.id || e.className || e.tagName, Math.round(r.width), Math.round(r.height)];
+}).filter(([name, w, h]) => h < 44 || w < 44)"""
+
+
+def small_targets(page: Any) -> list[Any]:
+    """Visible controls smaller than 44x44 CSS px (gloved fingers on a touchscreen)."""
+    return page.eval_on_selector_all(TARGETS, SMALL_TARGETS_JS)
+
+
 def wait_analysed(data_dir: Path, expected: int, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -96,6 +109,7 @@ def test_clinic_workflow_in_chromium(served: Any) -> None:
         page.wait_for_selector("#alert:not([hidden])", timeout=15000)
         assert "Urgent" in page.inner_text("#alert")
         page.screenshot(path=str(SHOTS / "worklist-1024x600.png"))
+        assert small_targets(page) == []
         page.click("#alert-ack")
         page.wait_for_selector("#alert", state="hidden")
 
@@ -120,6 +134,7 @@ def test_clinic_workflow_in_chromium(served: Any) -> None:
         page.mouse.up()
         assert page.eval_on_selector("#stage", "s => s.style.transform") != before
         page.screenshot(path=str(SHOTS / "study-1024x600.png"))
+        assert small_targets(page) == []
 
         # Review: agree with the finding, add a note, mark reviewed.
         page.locator("#review .seg", has_text="Agree").first.click()
@@ -148,9 +163,11 @@ def test_clinic_workflow_in_chromium(served: Any) -> None:
         page.set_viewport_size({"width": 800, "height": 480})
         page.goto(base + "/")
         page.screenshot(path=str(SHOTS / "worklist-800x480.png"))
+        assert small_targets(page) == []
         page.locator(".study-row").first.click()
         page.wait_for_selector("#viewer[data-loading='0']")
         page.screenshot(path=str(SHOTS / "study-800x480.png"))
+        assert small_targets(page) == []
 
         page.click("#logout")
         page.wait_for_url("**/login**")
