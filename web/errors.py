@@ -3,9 +3,11 @@ JSON body for the API.  Nothing here echoes request data back (no reflected cont
 from __future__ import annotations
 
 import logging
+import traceback
+from pathlib import Path
 from typing import Any
 
-from flask import Flask, jsonify, render_template
+from flask import Flask, jsonify, render_template, request
 from flask_babel import gettext as _
 from werkzeug.exceptions import HTTPException, InternalServerError
 
@@ -41,8 +43,11 @@ def _handle(exc: HTTPException) -> Any:
 
 
 def _handle_unexpected(exc: Exception) -> Any:
-    # Log the type and traceback only; request data may contain patient details.
-    log.exception("unhandled error in a web request: %s", type(exc).__name__)
+    # The exception's message may quote patient data (a name in a KeyError, a query value), so
+    # the log gets its type and the code locations only, never the message or request data.
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-4:]))
+    log.error("unhandled %s in %s %s at %s", type(exc).__name__, request.method, request.endpoint, where)
     return _handle(InternalServerError())
 
 

@@ -43,6 +43,13 @@ def small_targets(page: Any) -> list[Any]:
     return page.eval_on_selector_all(TARGETS, SMALL_TARGETS_JS)
 
 
+def patient_families() -> dict[str, str]:
+    import pydicom
+
+    return {name: str(pydicom.dcmread(sample(name), stop_before_pixels=True).PatientName).split("^")[0]
+            for name in (CHEST, CLIP, CT)}
+
+
 def wait_analysed(data_dir: Path, expected: int, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,6 +119,12 @@ def test_clinic_workflow_in_chromium(served: Any) -> None:
         assert small_targets(page) == []
         page.click("#alert-ack")
         page.wait_for_selector("#alert", state="hidden")
+        family = patient_families()[CHEST]
+        page.fill("#q", family)
+        page.click(".filters .btn-primary")
+        page.wait_for_url("**q=**")
+        assert page.locator(".study-row").count() == 2  # the CR and the CT share the family name
+        page.goto(base + "/")
 
         # Open it: image, heatmap toggle, zoom (button and wheel) and pan (drag).
         top.click()
@@ -180,3 +193,8 @@ def test_clinic_workflow_in_chromium(served: Any) -> None:
     foreign = [url for url in requests_seen if not url.startswith(base + "/")]
     assert not foreign, f"requests to other hosts: {foreign}"
     assert len(requests_seen) > 10
+    # The application log of the whole session (ingest, analysis, web) names no patient.
+    log = served.log_path.read_text(errors="replace")
+    assert "audit: clinic-admin view_study" in log
+    for family in patient_families().values():
+        assert family not in log, f"patient name {family!r} in the application log"

@@ -226,3 +226,15 @@ def test_error_pages_are_specific(app: Any) -> None:
     forbidden = client.get("/admin/users")
     assert forbidden.status_code == 403 and "role does not allow" in forbidden.text
     assert client.get("/api/nope").json["status"] == 404
+
+
+def test_unexpected_errors_log_no_message(app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    @app.get("/boom")
+    def boom() -> str:
+        raise KeyError("DOE^JANE")
+
+    client = app.test_client()
+    login(client, "staff")
+    response = client.get("/boom")
+    assert response.status_code == 500 and "could not complete" in response.text
+    assert "DOE" not in caplog.text and "KeyError" in caplog.text
