@@ -4,46 +4,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
-from typing import Any, Callable
 
 import click
 
-from .config import Config, load_config
-from .errors import ApplianceError, ImportPathError, OutOfSpaceError
+from .cli_common import config_option, setup  # noqa: F401 - setup is also imported from here
+from .errors import ImportPathError, OutOfSpaceError
 
 log = logging.getLogger("appliance")
-
-
-def config_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``--config FILE`` (or ``APPLIANCE_CONFIG``) and ``--data-dir``, shared by every command."""
-    func = click.option(
-        "--data-dir", type=click.Path(file_okay=False), default=None, help="Override [storage] data_dir."
-    )(func)
-    func = click.option(
-        "--config", "config_file", type=click.Path(dir_okay=False), envvar="APPLIANCE_CONFIG",
-        default=None, help="Site configuration file (TOML).",
-    )(func)
-    return func
-
-
-def setup(config_file: str | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load configuration and logging, turning configuration errors into a CLI message."""
-    try:
-        config = load_config(config_file, overrides)
-    except ApplianceError as exc:
-        raise click.ClickException(f"configuration error: {exc}") from exc
-    # DICOM libraries' warnings quote element values (patient and physician names, for one):
-    # they must never reach the application log.
-    warnings.filterwarnings("ignore", module=r"(highdicom|pydicom)(\..*)?$")
-    logging.basicConfig(
-        level=config["log"]["level"].upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
-    return config
 
 
 @click.group()
@@ -160,9 +128,12 @@ def analyze(config_file: str | None, data_dir: str | None, study_uid: str) -> No
 
 def _register_groups() -> None:
     from .analyze.commands import engines, models
+    from .forward.commands import forward, outbox
 
     main.add_command(models)
     main.add_command(engines)
+    main.add_command(forward)
+    main.add_command(outbox)
 
 
 _register_groups()

@@ -95,6 +95,7 @@ DESTINATION_KEYS: dict[str, tuple[Any, tuple | None]] = {
     "max_rate_kbps": (0, None),
     "poll_reports_s": (300, None),
     "report_ae": ("", None),
+    "retry_max_s": (300, None),
 }
 FORWARD_RULE_KEYS: dict[str, tuple[Any, tuple | None]] = {
     "when": (None, ("urgent", "reviewed", "analyzed")),

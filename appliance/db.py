@@ -218,12 +218,99 @@ def _m003_ui(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_audit_actor ON audit_log(actor)")
 
 
+def _m004_outbox(db: sqlite_utils.Database) -> None:
+    # One item per (study, destination) send; only one active item per pair (the partial unique
+    # index), so a repeated request is idempotent.  priority_rank: 0 urgent, 1 routine.
+    db.execute(
+        """
+        CREATE TABLE outbox_items (
+            id INTEGER PRIMARY KEY,
+            study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+            destination TEXT NOT NULL,
+            priority TEXT NOT NULL DEFAULT 'routine',
+            priority_rank INTEGER NOT NULL DEFAULT 1,
+            state TEXT NOT NULL DEFAULT 'queued',
+            requested_by TEXT NOT NULL,
+            origin TEXT NOT NULL DEFAULT 'manual',
+            remote_study_uid TEXT NOT NULL DEFAULT '',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TEXT NOT NULL DEFAULT '',
+            last_error TEXT NOT NULL DEFAULT '',
+            reason TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            confirmed_at TEXT NOT NULL DEFAULT ''
+        )"""
+    )
+    db.execute("CREATE UNIQUE INDEX idx_outbox_active ON outbox_items(study_uid, destination) "
+               "WHERE state IN ('queued', 'sending', 'delivered')")
+    db.execute("CREATE INDEX idx_outbox_state ON outbox_items(state, priority_rank, id)")
+    db.execute("CREATE INDEX idx_outbox_study ON outbox_items(study_uid)")
+    # Per-instance progress: pending -> sent (peer acknowledged) -> confirmed (peer lists it);
+    # refused (the peer said no) or blocked (policy on the box said no) are final.
+    db.execute(
+        """
+        CREATE TABLE outbox_instances (
+            item_id INTEGER NOT NULL REFERENCES outbox_items(id),
+            sop_instance_uid TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            remote_sop_instance_uid TEXT NOT NULL DEFAULT '',
+            bytes_original INTEGER NOT NULL DEFAULT 0,
+            bytes_sent INTEGER NOT NULL DEFAULT 0,
+            transfer_syntax_sent TEXT NOT NULL DEFAULT '',
+            reason TEXT NOT NULL DEFAULT '',
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (item_id, sop_instance_uid)
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE destination_state (
+            name TEXT PRIMARY KEY,
+            failures INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TEXT NOT NULL DEFAULT '',
+            last_error TEXT NOT NULL DEFAULT '',
+            last_attempt_at TEXT NOT NULL DEFAULT '',
+            last_success_at TEXT NOT NULL DEFAULT '',
+            last_report_poll_at TEXT NOT NULL DEFAULT ''
+        )"""
+    )
+    # The re-identification map (never leaves the box): kind 'uid' or 'patient'.
+    db.execute(
+        """
+        CREATE TABLE deid_map (
+            kind TEXT NOT NULL,
+            original TEXT NOT NULL,
+            replacement TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (kind, original)
+        )"""
+    )
+    db.execute("CREATE INDEX idx_deid_replacement ON deid_map(kind, replacement)")
+    db.execute("CREATE TABLE deid_secret (id INTEGER PRIMARY KEY CHECK (id = 1), secret TEXT NOT NULL)")
+    # Reports that came back from a destination, mapped into the original study.
+    db.execute(
+        """
+        CREATE TABLE forward_reports (
+            sop_instance_uid TEXT PRIMARY KEY,
+            study_uid TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            sop_class_uid TEXT NOT NULL,
+            received_via TEXT NOT NULL,
+            text TEXT NOT NULL DEFAULT '',
+            received_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX idx_reports_study ON forward_reports(study_uid)")
+
+
 # Numbered migrations: index i + 1 is the schema version after running MIGRATIONS[i].
 # Never edit a shipped migration; append a new one.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m001_ingest,
     _m002_analysis,
     _m003_ui,
+    _m004_outbox,
 ]
 
 

@@ -24,6 +24,7 @@ class Appliance:
         self.store = InstanceStore(config.data_dir, self.database, config["storage"]["min_free_mb"])
         self._scp: Any = None
         self.worker: Any = None
+        self.forwarder: Any = None
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -37,9 +38,15 @@ class Appliance:
         log.info("start-up recovery: %s", report)
         from .analyze.worker import AnalysisWorker
 
+        from .forward.reports import scp_hook
+        from .forward.service import Forwarder
+
         self.worker = AnalysisWorker(self.config, self.database, self.store)
         self.worker.start()
-        self._scp = start_scp(self.config, self.store, on_stored=self.worker.wake)
+        self.forwarder = Forwarder(self.config, self.database, self.store)
+        self.forwarder.start()
+        self._scp = start_scp(self.config, self.store, on_stored=self.worker.wake,
+                              report_hook=scp_hook(self.config, self.database, self.store))
         http = self.config["http"]
         app = create_app(self.config)
         self._http = create_server(app, host=http["host"], port=http["port"], threads=http["threads"])
@@ -54,6 +61,9 @@ class Appliance:
         if self.worker is not None:
             self.worker.stop()
             self.worker = None
+        if self.forwarder is not None:
+            self.forwarder.stop()
+            self.forwarder = None
         if self._http is not None:
             self._http.close()
             self._http = None

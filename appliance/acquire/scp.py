@@ -84,8 +84,13 @@ def _calling_ae(event: evt.Event) -> str:
         return "?"
 
 
-def make_store_handler(store: InstanceStore, on_stored: Callable[[Any], None] | None = None) -> Callable[[evt.Event], Dataset]:
-    """Build the C-STORE handler bound to ``store``."""
+def make_store_handler(store: InstanceStore, on_stored: Callable[[Any], None] | None = None,
+                       report_hook: Callable[[str, bytes, Dataset], Any] | None = None) -> Callable[[evt.Event], Dataset]:
+    """Build the C-STORE handler bound to ``store``.
+
+    ``report_hook(calling_ae, data, ds)`` (forwarding's report channel) may take an object over:
+    it returns a store outcome when it stored the object itself, None to let it be stored as usual.
+    """
 
     def handle_store(event: evt.Event) -> Dataset:
         calling = _calling_ae(event)
@@ -96,7 +101,9 @@ def make_store_handler(store: InstanceStore, on_stored: Callable[[Any], None] | 
             requested = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
             if requested and str(ds.get("SOPInstanceUID", "")).strip() != requested:
                 raise InvalidDatasetError("SOP Instance UID differs from the C-STORE request")
-            outcome = store.store(data, calling_ae=calling, source="dicom", ds=ds)
+            outcome = report_hook(calling, data, ds) if report_hook is not None else None
+            if outcome is None:
+                outcome = store.store(data, calling_ae=calling, source="dicom", ds=ds)
         except OutOfSpaceError as exc:
             log.warning("C-STORE from %s refused (out of resources): %s", calling, exc)
             return _status(STATUS_OUT_OF_RESOURCES, "Out of resources: storage floor reached")
@@ -152,11 +159,12 @@ def make_ae(config: Config) -> AE:
     return ae
 
 
-def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], None] | None = None) -> ThreadedAssociationServer:
+def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], None] | None = None,
+              report_hook: Callable[[str, bytes, Dataset], Any] | None = None) -> ThreadedAssociationServer:
     """Start serving in background threads; call ``.shutdown()`` on the result to stop."""
     ae = make_ae(config)
     handlers = [
-        (evt.EVT_C_STORE, make_store_handler(store, on_stored)),
+        (evt.EVT_C_STORE, make_store_handler(store, on_stored, report_hook)),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, _handle_rejected),
     ]

@@ -1,0 +1,196 @@
+"""A DICOMweb destination: STOW-RS to send, QIDO-RS to confirm and to find reports, WADO-RS to
+fetch them (requests; HTTPS with ``tls_ca``/``tls_cert``/``tls_key``; basic auth or a bearer token).
+
+STOW-RS answers per instance (PS3.18 10.5.3): ReferencedSOPSequence lists what was stored and
+FailedSOPSequence what was not, with a FailureReason.  HTTP status classes: 5xx, 408, 429 and
+401/403 (credentials can be fixed while the queue waits) are transient; a failure listed for an
+instance is a refusal of that dataset.  A 4xx that does not say which instance it is about is
+narrowed down by sending the batch's instances one at a time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any, Optional
+
+import requests
+
+from .errors import PolicyBlocked, TransientSendError
+from .pacing import Pacer
+from .transfer import Outcome, Outgoing, Report, ShouldStop, encode, with_syntax
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 8 * 1024 * 1024
+TIMEOUT = (10, 600)  # (connect, read) seconds: a large batch over a slow link takes minutes
+REFERENCED_SOP_SEQ, FAILED_SOP_SEQ = "00081199", "00081198"
+REFERENCED_SOP_UID, FAILURE_REASON = "00081155", "00081197"
+SOP_INSTANCE_UID, SOP_CLASS_UID, SERIES_UID = "00080018", "00080016", "0020000E"
+ANY_SYNTAX = {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90"}
+
+
+def make_session(dest: dict[str, Any]) -> requests.Session:
+    session = requests.Session()
+    if dest.get("token"):
+        session.headers["Authorization"] = f"Bearer {dest['token']}"
+    elif dest.get("username"):
+        session.auth = (dest["username"], dest.get("password", ""))
+    if dest.get("tls_ca"):
+        session.verify = dest["tls_ca"]
+    if dest.get("tls_cert"):
+        session.cert = (dest["tls_cert"], dest["tls_key"]) if dest.get("tls_key") else dest["tls_cert"]
+    return session
+
+
+def _value(item: dict[str, Any], tag: str) -> str:
+    values = item.get(tag, {}).get("Value") or [""]
+    return str(values[0])
+
+
+class DicomWebPeer:
+    """STOW-RS / QIDO-RS / WADO-RS peer for one ``kind = "dicomweb"`` destination."""
+
+    def __init__(self, dest: dict[str, Any], session: Optional[requests.Session] = None,
+                 pacer: Optional[Pacer] = None, batch_bytes: int = BATCH_BYTES):
+        self.dest = dest
+        self.base = dest["url"].rstrip("/")
+        self.session = session or make_session(dest)
+        self.pacer = pacer or Pacer(0)
+        self.batch_bytes = batch_bytes
+
+    # -- HTTP boundary: every requests exception becomes a TransientSendError here --------------
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        try:
+            response = self.session.request(method, self.base + path, timeout=TIMEOUT, **kwargs)
+        except requests.RequestException as exc:
+            raise TransientSendError(f"{self.dest['name']}: {method} failed: {type(exc).__name__}") from exc
+        if response.status_code >= 500 or response.status_code in (401, 403, 407, 408, 429):
+            raise TransientSendError(f"{self.dest['name']}: {method} {path.split('?')[0]} answered HTTP "
+                                     f"{response.status_code}")
+        return response
+
+    # -- STOW-RS --------------------------------------------------------------------------------
+    def send(self, outgoing: list[Outgoing], report: Report, should_stop: ShouldStop) -> None:
+        batch: list[tuple[Outgoing, bytes, str]] = []
+        size = 0
+        for o in outgoing:
+            if should_stop():
+                break
+            try:
+                ds = o.load()
+            except PolicyBlocked as exc:
+                report([Outcome(o.sop_instance_uid, "blocked", reason=str(exc))])
+                continue
+            # DICOMweb has no negotiation: the stored syntax or the configured lossless one.
+            ready = with_syntax(ds, ANY_SYNTAX | {str(ds.file_meta.TransferSyntaxUID)},
+                                self.dest.get("compress", "none")) or ds
+            data = encode(ready)
+            batch.append((o, data, str(ready.file_meta.TransferSyntaxUID)))
+            size += len(data)
+            if size >= self.batch_bytes:
+                self._stow(batch, report)
+                batch, size = [], 0
+        if batch:
+            self._stow(batch, report)
+
+    def _stow(self, batch: list[tuple[Outgoing, bytes, str]], report: Report) -> None:
+        boundary = uuid.uuid4().hex
+        parts = [b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n"
+                 for _, data, _ in batch]
+        body = b"".join(parts) + b"--" + boundary.encode() + b"--\r\n"
+        response = self._request("POST", "/studies", data=body, headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json"})
+        self.pacer.sent(len(body))
+        stored, failed = self._parse_stow(response)
+        outcomes: list[Outcome] = []
+        unknown: list[tuple[Outgoing, bytes, str]] = []
+        for o, data, syntax in batch:
+            uid = o.remote_sop_instance_uid
+            if uid in stored:
+                outcomes.append(Outcome(o.sop_instance_uid, "sent", len(data), syntax))
+            elif uid in failed:
+                outcomes.append(Outcome(o.sop_instance_uid, "refused", len(data), syntax,
+                                        f"{self.dest['name']} refused the dataset (STOW-RS FailureReason {failed[uid]})"))
+            else:
+                unknown.append((o, data, syntax))
+        report(outcomes)
+        if not unknown:
+            return
+        if response.status_code >= 400 and len(batch) == 1:
+            o, data, syntax = batch[0]
+            report([Outcome(o.sop_instance_uid, "refused", len(data), syntax,
+                            f"{self.dest['name']} refused the dataset (HTTP {response.status_code})")])
+        elif response.status_code >= 400:
+            for entry in unknown:  # find out which instance the peer objects to
+                self._stow([entry], report)
+        else:
+            raise TransientSendError(f"{self.dest['name']}: STOW-RS answered {response.status_code} without "
+                                     f"listing {len(unknown)} instances")
+
+    @staticmethod
+    def _parse_stow(response: requests.Response) -> tuple[set[str], dict[str, str]]:
+        try:
+            body = response.json() if response.content else {}
+        except ValueError:
+            body = {}
+        if isinstance(body, list):  # some servers wrap the response dataset in an array
+            body = body[0] if body else {}
+        stored = {_value(i, REFERENCED_SOP_UID) for i in body.get(REFERENCED_SOP_SEQ, {}).get("Value", [])}
+        failed = {_value(i, REFERENCED_SOP_UID): _value(i, FAILURE_REASON)
+                  for i in body.get(FAILED_SOP_SEQ, {}).get("Value", [])}
+        return stored, failed
+
+    # -- QIDO-RS / WADO-RS ----------------------------------------------------------------------
+    def instances(self, remote_study_uid: str) -> list[dict[str, str]]:
+        """The study's instances on the peer: sop_instance_uid, sop_class_uid, series_uid."""
+        response = self._request("GET", f"/studies/{remote_study_uid}/instances",
+                                 headers={"Accept": "application/dicom+json"})
+        if response.status_code in (204, 404) or not response.content:
+            return []
+        if response.status_code >= 400:
+            raise TransientSendError(f"{self.dest['name']}: QIDO-RS answered HTTP {response.status_code}")
+        try:
+            rows = response.json()
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise TransientSendError(f"{self.dest['name']}: QIDO-RS answer is not JSON") from exc
+        return [{"sop_instance_uid": _value(r, SOP_INSTANCE_UID), "sop_class_uid": _value(r, SOP_CLASS_UID),
+                 "series_uid": _value(r, SERIES_UID)} for r in rows]
+
+    def present(self, remote_study_uid: str) -> set[str]:
+        return {r["sop_instance_uid"] for r in self.instances(remote_study_uid)}
+
+    def retrieve(self, study_uid: str, series_uid: str, sop_uid: str) -> bytes:
+        """One instance as Part 10 bytes (WADO-RS, multipart/related)."""
+        response = self._request("GET", f"/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}",
+                                 headers={"Accept": 'multipart/related; type="application/dicom"'})
+        if response.status_code >= 400:
+            raise TransientSendError(f"{self.dest['name']}: WADO-RS answered HTTP {response.status_code}")
+        parts = split_multipart(response.headers.get("Content-Type", ""), response.content)
+        if not parts:
+            raise TransientSendError(f"{self.dest['name']}: WADO-RS answer holds no instance")
+        return parts[0]
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def split_multipart(content_type: str, body: bytes) -> list[bytes]:
+    """The bodies of a multipart/related payload (headers stripped)."""
+    boundary = ""
+    for param in content_type.split(";"):
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip().strip('"')
+    if not boundary:
+        return []
+    delimiter = b"--" + boundary.encode()
+    parts = []
+    for chunk in body.split(delimiter)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        _headers, sep, payload = chunk.partition(b"\r\n\r\n")
+        if sep:
+            parts.append(payload[:-2] if payload.endswith(b"\r\n") else payload)
+    return parts

@@ -1,0 +1,63 @@
+"""When and how fast to send: send windows, the rate cap, and retry backoff."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from datetime import datetime, time as dtime
+
+BACKOFF_BASE_S = 1.0
+
+
+def in_window(window: str, now: datetime | None = None) -> bool:
+    """True if local time ``now`` is inside ``"HH:MM-HH:MM"`` (may cross midnight); ``""`` = always."""
+    if not window:
+        return True
+    start_text, end_text = window.split("-")
+    start, end = _hm(start_text), _hm(end_text)
+    current = (now or datetime.now()).time()
+    if start == end:
+        return True
+    if start < end:
+        return start <= current < end
+    return current >= start or current < end  # e.g. 22:00-06:00
+
+
+def _hm(text: str) -> dtime:
+    hours, minutes = text.strip().split(":")
+    return dtime(int(hours), int(minutes))
+
+
+def backoff_s(failures: int, cap_s: float, rng: random.Random | None = None) -> float:
+    """Capped exponential backoff with "equal jitter": half fixed, half random, so a fleet of boxes
+    coming back after the same outage does not hit the hub in lock-step."""
+    ceiling = min(float(cap_s), BACKOFF_BASE_S * 2 ** max(0, failures - 1))
+    half = ceiling / 2
+    return half + (rng or random).uniform(0, half)
+
+
+class Pacer:
+    """Keeps the average send rate at or below ``rate_kbps`` (0 = unlimited).
+
+    Pacing is applied between datasets (after each C-STORE or STOW batch): the DICOM and HTTP
+    libraries own the sockets, and on the slow links this is for, the average over a few datasets
+    is what shares the link with the clinic's other traffic.
+    """
+
+    def __init__(self, rate_kbps: int, stop: threading.Event | None = None,
+                 clock=time.monotonic):
+        self.bytes_per_s = rate_kbps * 1000 / 8 if rate_kbps > 0 else 0.0
+        self._stop = stop or threading.Event()
+        self._clock = clock
+        self._start = clock()
+        self._sent = 0
+
+    def sent(self, nbytes: int) -> None:
+        """Account ``nbytes`` and sleep until the average rate is back under the cap."""
+        if not self.bytes_per_s:
+            return
+        self._sent += nbytes
+        due = self._start + self._sent / self.bytes_per_s
+        delay = due - self._clock()
+        if delay > 0:
+            self._stop.wait(delay)

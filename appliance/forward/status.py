@@ -1,0 +1,101 @@
+"""Read-outs of the outbox for the UI, the CLI (`appliance outbox --json`) and the tests."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Config
+from ..db import Database
+from .outbox import ACTIVE
+
+SCHEMA_VERSION = 1
+INSTANCE_STATES = ("pending", "sent", "confirmed", "refused", "blocked")
+
+
+def _with_counts(database: Database, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not items:
+        return []
+    ids = [i["id"] for i in items]
+    marks = ", ".join("?" * len(ids))
+    counts: dict[int, dict[str, Any]] = {}
+    for row in database.query(
+            f"SELECT item_id, state, COUNT(*) AS n, SUM(bytes_original) AS original, SUM(bytes_sent) AS sent "
+            f"FROM outbox_instances WHERE item_id IN ({marks}) GROUP BY item_id, state", tuple(ids)):
+        c = counts.setdefault(row["item_id"], {"instances": dict.fromkeys(INSTANCE_STATES, 0), "bytes_original": 0,
+                                               "bytes_sent": 0, "bytes_pending": 0})
+        c["instances"][row["state"]] = row["n"]
+        c["bytes_original"] += row["original"] or 0
+        if row["state"] in ("sent", "confirmed"):
+            c["bytes_sent"] += row["sent"] or 0
+        if row["state"] == "pending":
+            c["bytes_pending"] += row["original"] or 0
+    out = []
+    for item in items:
+        c = counts.get(item["id"], {"instances": dict.fromkeys(INSTANCE_STATES, 0), "bytes_original": 0,
+                                    "bytes_sent": 0, "bytes_pending": 0})
+        c["instances"]["total"] = sum(c["instances"].values())
+        out.append({
+            "id": item["id"], "study_uid": item["study_uid"], "destination": item["destination"],
+            "priority": item["priority"], "state": item["state"], "origin": item["origin"],
+            "requested_by": item["requested_by"], "created_at": item["created_at"],
+            "updated_at": item["updated_at"], "confirmed_at": item["confirmed_at"], "attempts": item["attempts"],
+            "last_error": item["last_error"], "reason": item["reason"],
+            "next_attempt_at": item.get("next_retry") or item["next_attempt_at"], **c,
+        })
+    return out
+
+
+def list_items(database: Database, include_done: bool = False) -> list[dict[str, Any]]:
+    """Outbox items, most pressing first: active and failed ones, plus confirmed and cancelled
+    ones when ``include_done``."""
+    states = ACTIVE + ("failed",) + (("confirmed", "cancelled") if include_done else ())
+    items = database.query(
+        f"SELECT o.*, MAX(o.next_attempt_at, COALESCE(d.next_attempt_at, '')) AS next_retry FROM outbox_items o "
+        f"LEFT JOIN destination_state d ON d.name = o.destination WHERE o.state IN ({', '.join('?' * len(states))}) "
+        f"ORDER BY o.state IN ('confirmed', 'cancelled'), o.priority_rank, o.id", states)
+    return _with_counts(database, items)
+
+
+def study_forwarding(database: Database, study_uid: str) -> list[dict[str, Any]]:
+    """Per destination, the latest outbox item of a study: state, last error, next retry, counts.
+
+    For the study view.  ``last_error`` is the last transient problem (the item keeps retrying);
+    ``reason`` says why a ``failed`` item was not sent (a refusal or the box's policy).
+    """
+    items = database.query(
+        "SELECT o.*, MAX(o.next_attempt_at, COALESCE(d.next_attempt_at, '')) AS next_retry FROM outbox_items o "
+        "LEFT JOIN destination_state d ON d.name = o.destination WHERE o.study_uid = ? AND o.id IN "
+        "(SELECT MAX(id) FROM outbox_items WHERE study_uid = ? GROUP BY destination) ORDER BY o.destination",
+        (study_uid, study_uid))
+    out = _with_counts(database, items)
+    for entry in out:
+        if entry["state"] in ("confirmed", "failed", "cancelled"):
+            entry["next_attempt_at"] = ""
+        if entry["state"] not in ACTIVE:
+            entry["last_error"] = entry["last_error"] if entry["state"] == "failed" else ""
+    return out
+
+
+def destination_status(database: Database, config: Config) -> list[dict[str, Any]]:
+    """Per configured destination: queue length, bytes pending, last success, next retry, last
+    error.  For the status screen."""
+    out = []
+    for dest in config["destinations"]:
+        name = dest["name"]
+        state = database.query("SELECT * FROM destination_state WHERE name = ?", (name,))
+        st = state[0] if state else {}
+        queue = database.query(
+            f"SELECT COUNT(*) AS n FROM outbox_items WHERE destination = ? AND state IN {ACTIVE}", (name,))[0]["n"]
+        pending = database.query(
+            f"SELECT COALESCE(SUM(b.bytes_original), 0) AS n FROM outbox_instances b JOIN outbox_items o ON "
+            f"o.id = b.item_id WHERE o.destination = ? AND o.state IN {ACTIVE} AND b.state IN ('pending', 'sent')",
+            (name,))[0]["n"]
+        failed = database.query("SELECT COUNT(*) AS n FROM outbox_items WHERE destination = ? AND state = 'failed'",
+                                (name,))[0]["n"]
+        out.append({
+            "name": name, "kind": dest["kind"], "deidentify": dest["deidentify"], "compress": dest["compress"],
+            "send_window": dest["send_window"], "queue_length": queue, "failed_items": failed,
+            "bytes_pending": int(pending), "last_success_at": st.get("last_success_at", ""),
+            "last_attempt_at": st.get("last_attempt_at", ""), "next_retry_at": st.get("next_attempt_at", ""),
+            "consecutive_failures": st.get("failures", 0), "last_error": st.get("last_error", ""),
+        })
+    return out
