@@ -380,7 +380,9 @@ def load_config(
     env_layer = _env_layer(environ)
     if env_layer:
         _merge(values, env_layer, "environment")
-    if env_layer or _env_destinations(values, environ):
+    # Both must run: `or` would skip the destination secrets whenever another variable is set.
+    env_destinations = _env_destinations(values, environ)
+    if env_layer or env_destinations:
         sources.append("environment")
     cli_layer: dict[str, dict[str, Any]] = {}
     for dotted, value in (overrides or {}).items():

@@ -115,7 +115,7 @@ class UidMap:
             return
         now = utc_now()
         with self.db.atomic() as tx:
-            tx.executemany("INSERT OR IGNORE INTO deid_map (kind, original, replacement, created_at) VALUES (?, ?, ?, ?)",
+            tx.conn.executemany("INSERT OR IGNORE INTO deid_map (kind, original, replacement, created_at) VALUES (?, ?, ?, ?)",
                            [(k, o, r, now) for (k, o), r in self._pending.items()])
         self._pending.clear()
 

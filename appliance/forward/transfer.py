@@ -75,7 +75,7 @@ def with_syntax(ds: Dataset, accepted: set[str], compress_method: str) -> Option
     for fallback in (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian):
         if fallback in accepted:
             if UID(current).is_compressed:
-                ds.decompress()  # lossless: decoding only; a lossy original stays as lossy as it was
+                ds.decompress(generate_instance_uid=False)  # lossless: decoding only; a lossy original stays as lossy as it was
             ds.file_meta.TransferSyntaxUID = fallback
             return ds
     return None
