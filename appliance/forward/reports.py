@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pydicom.dataset import Dataset
@@ -69,6 +70,12 @@ def ingest(database: Database, store: InstanceStore, uids: UidMap, data: bytes, 
     """Map a report back to its original study and store it.  ForwardRequestError if the report
     is not about a study this box sent."""
     ds = parse_part10(data)
+    known = database.query("SELECT r.sop_instance_uid, r.study_uid, i.file_path FROM forward_reports r JOIN instances i "
+                           "ON i.sop_instance_uid = r.sop_instance_uid WHERE r.sop_instance_uid = ?",
+                           (str(ds.get("SOPInstanceUID", "")),))
+    if known:  # fetched by a poll and pushed as well: one report, one event
+        return StoreOutcome("duplicate", known[0]["sop_instance_uid"], known[0]["study_uid"],
+                            Path(known[0]["file_path"]))
     remote_study = str(ds.get("StudyInstanceUID", ""))
     original_study = uids.original(remote_study) or remote_study
     rows = database.query(
