@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import click
 
+from .cli_common import config_option
+
 from .errors import ApplianceError
 
 ROLES = ("admin", "staff", "viewer")
@@ -256,24 +258,10 @@ def authenticate(database: Any, username: str, secret: str, method: str = "passw
 
 
 def _open(config_file: Optional[str], data_dir: Optional[str]) -> Any:
-    # Not appliance.cli.setup: this module must stay importable without the CLI module.
-    from .config import load_config
+    from .cli_common import setup
     from .db import open_database
 
-    try:
-        config = load_config(config_file, {"storage.data_dir": data_dir})
-    except ApplianceError as exc:
-        raise click.ClickException(f"configuration error: {exc}") from exc
-    return open_database(config.data_dir)
-
-
-def _user_options(func: Any) -> Any:
-    # Same options as appliance.cli.config_option, declared here because cli imports this
-    # module to register the group (importing cli from here would be circular).
-    func = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-                        help="Override [storage] data_dir.")(func)
-    return click.option("--config", "config_file", type=click.Path(dir_okay=False), envvar="APPLIANCE_CONFIG",
-                        default=None, help="Site configuration file (TOML).")(func)
+    return open_database(setup(config_file, {"storage.data_dir": data_dir}).data_dir)
 
 
 @click.group("users")
@@ -282,7 +270,7 @@ def users() -> None:
 
 
 @users.command("add")
-@_user_options
+@config_option
 @click.option("--role", type=click.Choice(ROLES), required=True)
 @click.option("--language", type=click.Choice(LANGUAGES), default="en", show_default=True)
 @click.argument("name")
@@ -298,7 +286,7 @@ def add_command(config_file: Optional[str], data_dir: Optional[str], role: str, 
 
 
 @users.command("list")
-@_user_options
+@config_option
 def list_command(config_file: Optional[str], data_dir: Optional[str]) -> None:
     """List users with their role and state."""
     database = _open(config_file, data_dir)
@@ -313,7 +301,7 @@ def list_command(config_file: Optional[str], data_dir: Optional[str]) -> None:
 
 
 @users.command("set-pin")
-@_user_options
+@config_option
 @click.option("--remove", is_flag=True, help="Remove the PIN instead of setting one.")
 @click.argument("name")
 def set_pin_command(config_file: Optional[str], data_dir: Optional[str], remove: bool, name: str) -> None:

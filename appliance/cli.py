@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import config_option, setup  # noqa: F401 - setup is also imported from here
+from .cli_common import config_option, setup
 from .errors import ImportPathError, OutOfSpaceError
 
 log = logging.getLogger("appliance")
@@ -127,6 +127,7 @@ def analyze(config_file: str | None, data_dir: str | None, study_uid: str) -> No
 
 
 def _register_groups() -> None:
+    from .accounts import users
     from .analyze.commands import engines, models
     from .forward.commands import forward, outbox
 
@@ -134,6 +135,7 @@ def _register_groups() -> None:
     main.add_command(engines)
     main.add_command(forward)
     main.add_command(outbox)
+    main.add_command(users)
 
 
 _register_groups()

@@ -9,25 +9,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import click
 
-from ..config import Config, load_config
+from ..cli_common import config_option, setup
 from ..errors import ApplianceError, BackendUnavailableError, ManifestError
 from .manifest import Manifest, discover_models, find_model
-
-
-def _config_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--config", "config_file", type=click.Path(), envvar="APPLIANCE_CONFIG",
-                        help="Site configuration file (TOML).")(func)
-
-
-def _config(config_file: Optional[str]) -> Config:
-    try:
-        return load_config(config_file)
-    except ApplianceError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 def _err(message: str) -> None:
@@ -41,10 +29,10 @@ def models() -> None:
 
 @models.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_config_option
-def list_models(as_json: bool, config_file: Optional[str]) -> None:
+@config_option
+def list_models(as_json: bool, config_file: Optional[str], data_dir: Optional[str]) -> None:
     """List the model packages under analyze.engines_dir and whether they load."""
-    config = _config(config_file)
+    config = setup(config_file, {"storage.data_dir": data_dir})
     found = discover_models(config["analyze"]["engines_dir"])
     rows: dict[str, Any] = {}
     for model_id, item in found.items():
@@ -76,14 +64,14 @@ def list_models(as_json: bool, config_file: Optional[str]) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Default: what the worker uses (fp32 on ONNX Runtime, int8/fp16 on TensorRT).")
 @click.option("--finding", "finding_code", default=None, help="Finding code (default: the first).")
-@_config_option
+@config_option
 def validate_cmd(model_id: str, directory: str, as_json: bool, report_path: Optional[str],
-                 precision: Optional[str], finding_code: Optional[str], config_file: Optional[str]) -> None:
+                 precision: Optional[str], finding_code: Optional[str], config_file: Optional[str], data_dir: Optional[str]) -> None:
     """Run MODEL over DIRECTORY (images + labels.csv) through the full run-time path."""
     from .runner import get_runner
     from .validate import read_labels, render_html, validate_folder
 
-    config = _config(config_file)
+    config = setup(config_file, {"storage.data_dir": data_dir})
     folder = Path(directory)
     try:
         read_labels(folder)  # fail on a bad set before loading any model
@@ -121,12 +109,12 @@ def validate_cmd(model_id: str, directory: str, as_json: bool, report_path: Opti
 @models.command("quantize")
 @click.option("--model", "model_id", required=True, help="Model package id.")
 @click.option("--max-auc-drop", default=0.01, show_default=True, type=float)
-@_config_option
-def quantize_cmd(model_id: str, max_auc_drop: float, config_file: Optional[str]) -> None:
+@config_option
+def quantize_cmd(model_id: str, max_auc_drop: float, config_file: Optional[str], data_dir: Optional[str]) -> None:
     """Write model.int8.onnx (QDQ) unless validation AUC drops by more than --max-auc-drop."""
     from .quantize import quantize_model
 
-    config = _config(config_file)
+    config = setup(config_file, {"storage.data_dir": data_dir})
     package = Path(config["analyze"]["engines_dir"]) / model_id
     try:
         find_model(config["analyze"]["engines_dir"], model_id)
@@ -146,12 +134,12 @@ def engines() -> None:
 @click.option("--precision", type=click.Choice(["fp16", "int8"]), default=None,
               help="Default: fp16, plus int8 when the package has model.int8.onnx.")
 @click.option("--force", is_flag=True, help="Rebuild even when the cached engine is valid.")
-@_config_option
-def build_cmd(model_id: Optional[str], precision: Optional[str], force: bool, config_file: Optional[str]) -> None:
+@config_option
+def build_cmd(model_id: Optional[str], precision: Optional[str], force: bool, config_file: Optional[str], data_dir: Optional[str]) -> None:
     """Build (or reuse) engines for this GPU, then self-test each against its golden outputs."""
     from .engines import device_identity, ensure_engine
 
-    config = _config(config_file)
+    config = setup(config_file, {"storage.data_dir": data_dir})
     try:
         trt_version, capability = device_identity()
     except BackendUnavailableError as exc:

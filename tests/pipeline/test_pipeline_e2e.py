@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from appliance.config import PROJECT_ROOT
 from tests.helpers import dcmsend, run_cli, sample
