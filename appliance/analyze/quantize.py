@@ -30,6 +30,9 @@ else:  # pragma: no cover - exercised on the device's Python 3.10
     import tomli as tomllib
 
 from ..errors import ManifestError, QuantizeRefusedError
+from ..imaging.preprocess import preprocess
+from .manifest import load_manifest
+from .validate import bootstrap_ci, roc_auc
 
 log = logging.getLogger(__name__)
 
@@ -45,58 +48,7 @@ CALIBRATION = "calibration.npz"
 OPS_TO_QUANTIZE = ("Conv", "Gemm", "MatMul")
 
 
-# --------------------------------------------------------------------------- metrics
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
-    y = np.asarray(labels).astype(bool).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUC needs at least one positive and one negative case")
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(s.size, dtype=np.float64)
-    # average rank over each run of tied scores
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
-    ends = np.r_[starts[1:], s.size]
-    avg = (starts + ends + 1) / 2.0  # 1-based average rank of positions start..end-1
-    ranks[order] = np.repeat(avg, ends - starts)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def bootstrap_auc_ci(
-    labels: np.ndarray, scores: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the AUC (stratified, fixed seed)."""
-    y = np.asarray(labels).astype(bool).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    pos, neg = s[y], s[~y]
-    rng = np.random.default_rng(seed)
-    aucs = np.empty(n_boot)
-    lab = np.r_[np.ones(pos.size, bool), np.zeros(neg.size, bool)]
-    for i in range(n_boot):
-        # resampling within each class keeps both classes present in every replicate
-        bp = pos[rng.integers(0, pos.size, pos.size)]
-        bn = neg[rng.integers(0, neg.size, neg.size)]
-        aucs[i] = roc_auc(lab, np.r_[bp, bn])
-    alpha = (1.0 - level) / 2.0
-    return float(np.quantile(aucs, alpha)), float(np.quantile(aucs, 1.0 - alpha))
-
-
 # --------------------------------------------------------------------------- package files
-
-def load_manifest(package_dir: Path) -> dict[str, Any]:
-    """Parse a package's manifest.toml (no validation beyond TOML syntax)."""
-    path = Path(package_dir) / MANIFEST
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ManifestError(f"{path}: {exc}") from exc
-
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -157,36 +109,15 @@ def refresh_file_hashes(package_dir: Path) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- preprocessing
 
-def preprocess_source_images(images: np.ndarray, steps: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """Apply the manifest's ``[[preprocess]]`` steps to N×H×W uint8 grey images → N×1×h×w float32.
+def preprocess_source_images(images: np.ndarray, manifest: Mapping[str, Any]) -> np.ndarray:
+    """N×H×W grey source images (calibration, validation arrays) → N×C×h×w model input.
 
-    This covers the steps the reference packages use, for the 28×28 calibration and validation
-    arrays; full DICOM images go through ``appliance.imaging.preprocess`` at run time.
+    Each image goes through :func:`appliance.imaging.preprocess.preprocess`, the run-time path,
+    so calibration ranges and validation scores are those of images the box would see.
     """
-    import cv2
-
-    out = []
-    for img in np.asarray(images):
-        x = img.astype(np.float32)
-        for step in steps:
-            op = step.get("op")
-            if op == "center_crop_square":
-                h, w = x.shape
-                side = min(h, w)
-                top, left = (h - side) // 2, (w - side) // 2
-                x = x[top:top + side, left:left + side]
-            elif op == "resize":
-                rows, cols = (int(v) for v in step["size"])
-                if x.shape != (rows, cols):
-                    interp = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR,
-                              "nearest": cv2.INTER_NEAREST}[step.get("interpolation", "area")]
-                    x = cv2.resize(x, (cols, rows), interpolation=interp)
-            elif op == "normalize":
-                x = (x / float(step.get("scale", 255.0)) - float(step["mean"])) / float(step["std"])
-            else:
-                raise ManifestError(f"preprocess op {op!r} is not supported for calibration")
-        out.append(x[None].astype(np.float32))
-    return np.stack(out)
+    shape = manifest.get("input", {}).get("shape", [1, 1, 28, 28])
+    steps = manifest.get("preprocess", [])
+    return np.concatenate([preprocess(img, steps, shape).tensor for img in np.asarray(images)])
 
 
 # --------------------------------------------------------------------------- quantization
@@ -273,33 +204,33 @@ def quantize_model(package_dir: Path, shared_data_dir: Path, max_auc_drop: float
     ``{"fp32_auc", "int8_auc", "drop", "path"}`` (plus the AUCs' 95% bootstrap CIs).
     """
     package_dir = Path(package_dir)
-    manifest = load_manifest(package_dir)
-    input_name = str(manifest.get("input", {}).get("name", "image"))
-    steps = manifest.get("preprocess", [])
+    # a package whose files do not match its manifest is refused before anything is derived from it
+    manifest = load_manifest(package_dir, verify=True).raw
+    input_name = str(manifest["input"]["name"])
     fp32_path = package_dir / FP32_MODEL
-    if not fp32_path.is_file():
-        raise ManifestError(f"{fp32_path} is missing")
 
     try:
         with np.load(package_dir / CALIBRATION) as npz:
             calib_src = npz["images"]
     except (OSError, KeyError) as exc:
         raise ManifestError(f"{package_dir / CALIBRATION}: {exc}") from exc
-    calib = preprocess_source_images(calib_src, steps)
+    calib = preprocess_source_images(calib_src, manifest)
     val_images, val_labels = validation_split(manifest, shared_data_dir)
-    val_x = preprocess_source_images(val_images, steps)
+    val_x = preprocess_source_images(val_images, manifest)
 
     out_path = package_dir / INT8_MODEL
     fd, tmp_name = tempfile.mkstemp(dir=package_dir, prefix=".model.int8.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
+    gtmp = ""
     try:
         _quantize_to(fp32_path, tmp, calib, input_name, per_channel, nodes_to_exclude)
         fp32_sess, int8_sess = _session(fp32_path), _session(tmp)
         fp32_probs = run_model(fp32_sess, input_name, val_x)["probs"][:, 0]
         int8_probs = run_model(int8_sess, input_name, val_x)["probs"][:, 0]
-        fp32_auc = roc_auc(val_labels, fp32_probs)
-        int8_auc = roc_auc(val_labels, int8_probs)
+        fp32_auc, int8_auc = roc_auc(val_labels, fp32_probs), roc_auc(val_labels, int8_probs)
+        if fp32_auc is None or int8_auc is None:
+            raise ManifestError(f"{package_dir.name}: validation split needs both classes for an AUC")
         drop = fp32_auc - int8_auc
         log.info("%s: FP32 AUC %.4f, INT8 AUC %.4f, drop %.4f", package_dir.name, fp32_auc,
                  int8_auc, drop)
@@ -323,15 +254,16 @@ def quantize_model(package_dir: Path, shared_data_dir: Path, max_auc_drop: float
         os.replace(tmp, out_path)
         os.replace(gtmp, golden_path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, Path(gtmp) if gtmp else None):
+            if leftover is not None and leftover.exists():
+                leftover.unlink()
     refresh_file_hashes(package_dir)
     return {
         "fp32_auc": fp32_auc,
         "int8_auc": int8_auc,
         "drop": drop,
-        "fp32_auc_ci": bootstrap_auc_ci(val_labels, fp32_probs),
-        "int8_auc_ci": bootstrap_auc_ci(val_labels, int8_probs),
+        "fp32_auc_ci": bootstrap_ci(val_labels, fp32_probs),
+        "int8_auc_ci": bootstrap_ci(val_labels, int8_probs),
         "n_val": int(val_labels.size),
         "path": out_path,
     }

@@ -15,13 +15,11 @@ else:  # pragma: no cover
 
 from appliance.analyze.quantize import (
     INT8_MODEL,
-    bootstrap_auc_ci,
     quantize_model,
     refresh_file_hashes,
-    roc_auc,
     sha256_file,
 )
-from appliance.errors import QuantizeRefusedError
+from appliance.errors import ManifestError, QuantizeRefusedError
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ROOT / "engines"
@@ -58,19 +56,7 @@ def package_copy(tmp_path: Path) -> Path:
     return dst
 
 
-# --------------------------------------------------------------------------- metrics
-
-def test_roc_auc_matches_pairwise_definition() -> None:
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 200)
-    s = np.round(rng.normal(size=200) + y, 1)  # rounding makes ties
-    pos, neg = s[y == 1], s[y == 0]
-    pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
-    assert roc_auc(y, s) == pytest.approx(pairwise, abs=1e-12)
-    assert roc_auc([0, 1], [0.2, 0.9]) == 1.0
-    lo, hi = bootstrap_auc_ci(y, s, n_boot=200)
-    assert lo < roc_auc(y, s) < hi
-
+# --------------------------------------------------------------------------- manifest hashes
 
 def test_refresh_file_hashes_keeps_the_rest_of_the_manifest(tmp_path: Path) -> None:
     (tmp_path / "manifest.toml").write_text(
@@ -173,6 +159,15 @@ def test_quantize_refuses_with_broken_calibration(package_copy: Path) -> None:
     with np.load(package_copy / "calibration.npz") as npz:
         images = npz["images"]
     np.savez(package_copy / "calibration.npz", images=np.zeros_like(images))
+    refresh_file_hashes(package_copy)  # a consistent package, just badly calibrated
     with pytest.raises(QuantizeRefusedError):
+        quantize_model(package_copy, SHARED_DATA)
+    assert not (package_copy / INT8_MODEL).exists()
+
+
+def test_quantize_refuses_a_tampered_package(package_copy: Path) -> None:
+    with open(package_copy / "MODEL_CARD.md", "a") as fh:
+        fh.write("edited after hashing\n")
+    with pytest.raises(ManifestError, match="sha256"):
         quantize_model(package_copy, SHARED_DATA)
     assert not (package_copy / INT8_MODEL).exists()
