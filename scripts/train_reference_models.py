@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance.analyze.quantize import (  # noqa: E402
-    bootstrap_auc_ci, quantize_model, refresh_file_hashes, roc_auc, run_model, _session,
-    preprocess_source_images,
+    _session, preprocess_source_images, quantize_model, refresh_file_hashes, run_model,
 )
+from appliance.analyze.validate import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_ci, roc_auc  # noqa: E402
 
 MEAN, STD = 0.5, 0.5  # normalisation (x/255 - MEAN) / STD, same in the manifest
 
@@ -513,7 +513,8 @@ The official test split was not available and was not used."""
 | **ensemble, FP32** | **{_fmt(r['auc'])}** (95% CI {_fmt(r['auc_ci'][0])}–{_fmt(r['auc_ci'][1])}) |
 | ensemble, INT8 (QDQ) | {int8} |
 
-95% CIs: stratified percentile bootstrap, 2,000 resamples, seed 0.
+95% CIs: percentile bootstrap over cases, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}
+(`appliance.analyze.validate.bootstrap_ci`, the same computation `appliance models validate` prints).
 For reference, published 28×28 results on the *test* split (MedMNIST v2):
 {"ResNet-18 0.944, ResNet-50 0.948, Google AutoML Vision 0.991" if is_cxr else "ResNet-18 0.901, Google AutoML Vision 0.919"}.
 Validation and test numbers are not directly comparable.
@@ -571,9 +572,10 @@ def build_package(spec: Spec, data_dir: Path, engines_dir: Path, epochs: int | N
     # everything below uses the exported graph through ONNX Runtime, as the box will
     steps = [{"op": "center_crop_square"}, {"op": "resize", "size": [28, 28], "interpolation": "area"},
              {"op": "normalize", "scale": 255.0, "mean": MEAN, "std": STD}]
+    as_manifest = {"input": {"shape": [1, 1, 28, 28]}, "preprocess": steps}
     sess = _session(pkg / "model.onnx")
-    va_x = preprocess_source_images(va_img, steps)
-    tr_x = preprocess_source_images(tr_img, steps)
+    va_x = preprocess_source_images(va_img, as_manifest)
+    tr_x = preprocess_source_images(tr_img, as_manifest)
     out_va = run_model(sess, "image", va_x)
     out_tr = run_model(sess, "image", tr_x)
     with torch.no_grad():
@@ -584,7 +586,7 @@ def build_package(spec: Spec, data_dir: Path, engines_dir: Path, epochs: int | N
 
     p = out_va["probs"][:, 0]
     auc = roc_auc(yva, p)
-    auc_ci = bootstrap_auc_ci(yva, p)
+    auc_ci = bootstrap_ci(yva, p)
     thr, sens, spc = operating_point(yva, p, spec.target_sensitivity)
 
     mean, precision, shrink = ledoit_wolf(out_tr["embedding"])
