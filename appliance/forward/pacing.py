@@ -49,15 +49,18 @@ class Pacer:
         self.bytes_per_s = rate_kbps * 1000 / 8 if rate_kbps > 0 else 0.0
         self._stop = stop or threading.Event()
         self._clock = clock
-        self._start = clock()
-        self._sent = 0
+        self._due = clock()
 
     def sent(self, nbytes: int) -> None:
-        """Account ``nbytes`` and sleep until the average rate is back under the cap."""
+        """Account ``nbytes`` just sent and sleep until the average rate is back under the cap.
+
+        The transfer is taken to have started no earlier than ``nbytes / rate`` ago, so an idle
+        period earns no credit for a later burst.
+        """
         if not self.bytes_per_s:
             return
-        self._sent += nbytes
-        due = self._start + self._sent / self.bytes_per_s
-        delay = due - self._clock()
+        duration = nbytes / self.bytes_per_s
+        self._due = max(self._due, self._clock() - duration) + duration
+        delay = self._due - self._clock()
         if delay > 0:
             self._stop.wait(delay)

@@ -52,6 +52,9 @@ class Forwarder:
         self._threads: list[threading.Thread] = []
         self._uids: Optional[UidMap] = None
         self._last_rules = 0.0
+        # Peers are kept between items of the same destination: on a long-delay link a new TCP
+        # connection (handshake, slow start) per study costs seconds.  Dropped after any error.
+        self._peers: dict[str, Peer] = {}
 
     @property
     def uids(self) -> UidMap:
@@ -81,6 +84,9 @@ class Forwarder:
         for thread in self._threads:
             thread.join(timeout=60)
         self._threads.clear()
+        for peer in self._peers.values():
+            peer.close()
+        self._peers.clear()
 
     def wake(self, *_args: Any) -> None:
         self._wake.set()
@@ -130,7 +136,8 @@ class Forwarder:
         if remote_study != item["remote_study_uid"]:
             self.uids.flush()
             outbox.set_remote_study(self.db, item["id"], remote_study)
-        peer = self._peer_factory(dest, self._stop)
+        peer = self._peers.get(dest["name"]) or self._peer_factory(dest, self._stop)
+        self._peers[dest["name"]] = peer
         try:
             rows = outbox.instances(self.db, item["id"])
             self._assign_remote_uids(item, rows, dest)
@@ -152,11 +159,15 @@ class Forwarder:
             confirmed = outbox.confirm_present(self.db, item["id"], peer.present(remote_study))
             outbox.note_success(self.db, dest["name"])
         except TransientSendError as exc:
+            self._peers.pop(dest["name"], None)
+            peer.close()
             delay = outbox.note_failure(self.db, item["id"], dest["name"], str(exc), dest["retry_max_s"])
             log.warning("outbox item %d: %s; retry in %.0fs", item["id"], exc, delay)
             return "retry"
-        finally:
+        except BaseException:
+            self._peers.pop(dest["name"], None)
             peer.close()
+            raise
         state = outbox.settle(self.db, item["id"])
         if state in ("sending", "delivered"):
             # Acknowledged but not listed by the hub: not confirmed, so try again later.

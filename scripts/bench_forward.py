@@ -1,0 +1,204 @@
+"""Forwarding over a constrained link: the appliance's outbox vs dcmtk `storescu`, same files,
+same link, same run.
+
+The link is a loopback TCP proxy written here (this kernel has no `sch_netem`, so `tc netem`
+cannot shape a namespace): a serialiser at ``--rate-kbps`` in each direction, ``--delay-ms``
+one-way propagation delay in each direction, and a bounded queue so that senders feel TCP
+back-pressure as on a real bottleneck.  Packet loss is not emulated (a TCP proxy cannot drop
+segments).  Every run gets a fresh Orthanc (so no run is helped by the hub's de-duplication).
+
+Figures: goodput = DICOM bytes delivered (as encoded on the wire) / time to drain, as a fraction
+of the link rate; bytes on the wire (both directions, counted by the proxy) vs the raw files;
+time to drain (first byte queued -> last instance confirmed, confirmation queries included).
+
+    .venv/bin/python scripts/bench_forward.py [--studies 6] [--rate-kbps 2000] [--delay-ms 300]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pydicom  # noqa: E402
+
+from appliance.config import load_config  # noqa: E402
+from appliance.db import open_database  # noqa: E402
+from appliance.forward import request_forward, study_forwarding  # noqa: E402
+from appliance.forward.service import Forwarder  # noqa: E402
+from appliance.store import InstanceStore  # noqa: E402
+from tests.forward.conftest import HUB_AE, PASSWORD, Orthanc  # noqa: E402
+from tests.forward.util import destination_toml, new_study, small_chest, write_config  # noqa: E402
+from tests.helpers import free_port, sample  # noqa: E402
+
+QUEUE_BYTES = 64 * 1024  # the bottleneck's buffer beyond the bytes in flight
+
+
+class Link:
+    """A shaped TCP link from ``listen_port`` to ``target_port`` on loopback, in a thread."""
+
+    def __init__(self, target_port: int, rate_kbps: int, delay_ms: int):
+        self.target_port, self.listen_port = target_port, free_port()
+        self.rate = rate_kbps * 1000 / 8  # bytes per second
+        self.delay = delay_ms / 1000
+        self.wire_bytes = 0
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", self.listen_port))
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _client(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        try:
+            s_reader, s_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            c_writer.close()
+            return
+        await asyncio.gather(self._direction(c_reader, s_writer), self._direction(s_reader, c_writer))
+
+    async def _direction(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        state = {"free_at": loop.time(), "inflight": 0}
+        limit = int(self.rate * self.delay) + QUEUE_BYTES
+        drained = asyncio.Event()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await queue.get()
+                if data is None:
+                    writer.close()
+                    return
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                try:
+                    writer.write(data)
+                    await writer.drain()
+                except OSError:
+                    return
+                state["inflight"] -= len(data)
+                drained.set()
+
+        task = asyncio.ensure_future(deliver())
+        while True:
+            try:
+                data = await reader.read(4096)
+            except OSError:
+                data = b""
+            if not data:
+                await queue.put((0, None))
+                break
+            while state["inflight"] > limit:
+                drained.clear()
+                await drained.wait()
+            depart = max(loop.time(), state["free_at"]) + len(data) / self.rate
+            state["free_at"] = depart
+            state["inflight"] += len(data)
+            self.wire_bytes += len(data)
+            await queue.put((depart + self.delay, data))
+        await task
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def make_files(out: Path, n: int) -> list[Path]:
+    chest, ct = small_chest(512), pydicom.dcmread(sample("CT_small.dcm"))
+    files = []
+    for i in range(n):
+        first = new_study(chest, out / f"{i:02d}-cr.dcm", PatientID=f"B{i:02d}")
+        files += [first, new_study(ct, out / f"{i:02d}-ct.dcm", str(pydicom.dcmread(first).StudyInstanceUID))]
+    return files
+
+
+def run_storescu(hub: Orthanc, link: Link, files: list[Path]) -> dict:
+    started = time.monotonic()
+    subprocess.run(["storescu", "-aec", HUB_AE, "-aet", "EDGE", "127.0.0.1", str(link.listen_port), *map(str, files)],
+                   check=True, capture_output=True)
+    elapsed = time.monotonic() - started
+    assert hub.instance_count() == len(files)
+    return {"seconds": elapsed, "payload": sum(f.stat().st_size for f in files)}
+
+
+def run_appliance(work: Path, hub: Orthanc, link: Link, files: list[Path], kind: str, compress: str) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    site = write_config(work / "site.toml", f'[storage]\ndata_dir = "{work / "data"}"\nmin_free_mb = 0\n',
+                        destination_toml("hub", kind, hub, deidentify=False, compress=compress,
+                                         attach_ai_results=False))
+    text = site.read_text().replace(f":{hub.http_port}/", f":{link.listen_port}/")
+    site.write_text(text.replace(f"port = {hub.dicom_port}", f"port = {link.listen_port}"))
+    config = load_config(site, environ={"APPLIANCE_DESTINATIONS_HUB_PASSWORD": PASSWORD})
+    database = open_database(config.data_dir)
+    store = InstanceStore(config.data_dir, database)
+    study_uids = sorted({store.store(f.read_bytes(), source="import").study_uid for f in files})
+    forwarder = Forwarder(config, database, store)
+    started = time.monotonic()
+    for uid in study_uids:
+        request_forward(database, config, uid, "hub", "routine", "bench")
+    while forwarder.run_once():
+        pass
+    elapsed = time.monotonic() - started
+    items = [i for uid in study_uids for i in study_forwarding(database, uid)]
+    assert all(i["state"] == "confirmed" for i in items), [i["last_error"] for i in items]
+    assert hub.instance_count() == len(files)
+    return {"seconds": elapsed, "payload": sum(i["bytes_sent"] for i in items)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--studies", type=int, default=6)
+    parser.add_argument("--rate-kbps", type=int, default=2000)
+    parser.add_argument("--delay-ms", type=int, default=300)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        files = make_files(tmp_path / "files", args.studies)
+        raw = sum(f.stat().st_size for f in files)
+        print(f"link: {args.rate_kbps} kbit/s each way, {args.delay_ms} ms one-way delay each way "
+              f"(RTT {2 * args.delay_ms} ms), no loss; {len(files)} instances in {args.studies} studies, "
+              f"{raw / 1e6:.2f} MB raw")
+        runs = [("storescu (dcmtk, C-STORE)", "storescu", "", "none"),
+                ("appliance C-STORE", "appliance", "dicom", "none"),
+                ("appliance STOW-RS", "appliance", "dicomweb", "none"),
+                ("appliance STOW-RS + JPEG-LS lossless", "appliance", "dicomweb", "jpegls-lossless")]
+        results = {}
+        print(f"{'sender':<40} {'drain s':>8} {'payload MB':>10} {'wire MB':>8} {'wire/raw':>8} {'goodput':>8}")
+        for n, (label, tool, kind, compress) in enumerate(runs):
+            hub = Orthanc(tmp_path / f"hub{n}").start()
+            port = hub.dicom_port if tool == "storescu" or kind == "dicom" else hub.http_port
+            link = Link(port, args.rate_kbps, args.delay_ms)
+            try:
+                if tool == "storescu":
+                    r = run_storescu(hub, link, files)
+                else:
+                    r = run_appliance(tmp_path / f"box{n}", hub, link, files, kind, compress)
+            finally:
+                link.close()
+                hub.stop()
+            goodput = r["payload"] * 8 / r["seconds"] / (args.rate_kbps * 1000)
+            results[label] = goodput
+            print(f"{label:<40} {r['seconds']:>8.1f} {r['payload'] / 1e6:>10.2f} {link.wire_bytes / 1e6:>8.2f} "
+                  f"{link.wire_bytes / raw:>8.2f} {goodput:>8.1%}  (raw MB delivered per second: "
+                  f"{raw / r['seconds'] / 1e6:.3f})")
+        base = results["storescu (dcmtk, C-STORE)"]
+        for label, value in results.items():
+            print(f"{label}: goodput {value:.1%} of link, {value / base:.2f}x storescu")
+
+
+if __name__ == "__main__":
+    main()
