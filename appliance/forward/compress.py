@@ -52,12 +52,13 @@ def compress(ds: Dataset, method: str) -> Optional[Dataset]:
     out = copy.deepcopy(ds)  # compress() rewrites elements in place; the original must stay intact
     try:
         original = ds.pixel_array
-        kwargs = {}
+        # Same instance, different encoding: the SOP Instance UID must not change (pydicom would).
         if int(ds.get("SamplesPerPixel", 1) or 1) == 3 and syntax == JPEG2000Lossless:
             # The reversible colour transform is part of JPEG 2000 lossless and exact.
-            kwargs["photometric_interpretation"] = "YBR_RCT"
-        # Same instance, different encoding: the SOP Instance UID must not change (pydicom would).
-        out.compress(syntax, encoding_plugin=plugin, generate_instance_uid=False, **kwargs)
+            out.compress(syntax, encoding_plugin=plugin, generate_instance_uid=False,
+                         photometric_interpretation="YBR_RCT")
+        else:
+            out.compress(syntax, encoding_plugin=plugin, generate_instance_uid=False)
         decoded = out.pixel_array
     except Exception as exc:  # noqa: BLE001 - any encoder failure means "send uncompressed"
         log.warning("lossless %s compression not possible (%s: %s); sending uncompressed", method, type(exc).__name__, exc)

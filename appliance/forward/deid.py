@@ -52,7 +52,7 @@ DUMMY: dict[str, Any] = {
 @lru_cache(maxsize=1)
 def profile() -> tuple[dict[int, str], list[tuple[int, int, int, int, str]]]:
     """(exact tag -> action, masked entries (group, element, group mask, element mask, action))."""
-    from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
+    from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector  # type: ignore[import-untyped]
 
     table = dicom_anonymization_database_selector(PROFILE_EDITION)
     resolved = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "D", "X_D_TAGS": "D",

@@ -65,7 +65,7 @@ def request_forward(database: Database, config: Config, study_uid: str, destinat
             "INSERT INTO outbox_items (study_uid, destination, priority, priority_rank, requested_by, origin, "
             "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (study_uid, destination, priority, PRIORITIES[priority], requested_by, origin, now, now))
-        item_id = int(cur.lastrowid)
+        item_id = int(cur.lastrowid or 0)
         audit.record_tx(tx, requested_by, "forward_request", study_uid,
                         {"destination": destination, "priority": priority, "outbox_item": item_id, "origin": origin})
     return item_id

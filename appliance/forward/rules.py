@@ -57,8 +57,9 @@ def consume_requests(database: Database, config: Config) -> int:
         done = database.query("SELECT id FROM outbox_items WHERE origin = ?", (f"ui:{row['id']}",))
         try:
             # A crash between the item's commit and the request's update must not queue it twice.
-            item_id = done[0]["id"] if done else request_forward(database, config, row["study_uid"], row["destination"], row["priority"],
-                                      requested_by=row["requested_by"], origin=f"ui:{row['id']}")
+            item_id = done[0]["id"] if done else request_forward(
+                database, config, row["study_uid"], row["destination"], row["priority"],
+                requested_by=row["requested_by"], origin=f"ui:{row['id']}")
             state = "queued"
         except (ConfigError, ForwardRequestError) as exc:
             log.warning("forward request %d rejected: %s", row["id"], exc)

@@ -204,7 +204,7 @@ class Forwarder:
     def _outgoing(self, row: dict[str, Any], dest: dict[str, Any]) -> Outgoing:
         def load() -> pydicom.Dataset:
             try:
-                ds = pydicom.dcmread(row["file_path"])
+                ds: pydicom.Dataset = pydicom.dcmread(row["file_path"])
             except (OSError, pydicom.errors.InvalidDicomError) as exc:
                 raise PolicyBlocked(f"stored file unreadable on the box: {type(exc).__name__}") from exc
             if dest["deidentify"]:

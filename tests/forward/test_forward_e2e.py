@@ -9,7 +9,7 @@ import pydicom
 from tests.forward.conftest import PASSWORD
 from tests.forward.util import (box_env, destination_toml, forward_cli, new_study, outbox_json, small_chest,
                                 study_uid_of, wait_confirmed, write_config)
-from tests.helpers import dcmsend, sample
+from tests.helpers import dcmsend
 from tests.pipeline.test_pipeline_e2e import wait_until_analyzed
 
 SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
@@ -42,6 +42,6 @@ def test_forward_over_cstore_and_stowrs(tmp_path, server_factory, orthanc_factor
         assert len(classes) == 3
         assert any(c.startswith(SR_PREFIX) for c in classes), classes  # the AI SR
         assert SECONDARY_CAPTURE in classes  # the heatmap
-        assert hub.get(f"/studies").json() and hub.tags(hub.instance_ids()[0])["StudyInstanceUID"] == study
+        assert hub.get("/studies").json() and hub.tags(hub.instance_ids()[0])["StudyInstanceUID"] == study
     assert {d["name"]: d["queue_length"] for d in report["destinations"]} == {"pacs": 0, "web": 0}
     assert all(d["last_success_at"] for d in report["destinations"])
