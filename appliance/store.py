@@ -1,9 +1,15 @@
 """Durable instance storage: files under the data directory plus their rows in the database.
 
 The guarantee: when :meth:`InstanceStore.store` returns, the file is fsynced under its final
-name, its directory entry is fsynced, and its row is committed.  Only then may the caller report
-success to the sender.  A crash at any earlier point leaves either nothing, a temp file (removed
-by :meth:`recover`), or a complete file without a row (indexed by :meth:`recover`).
+name, its directory entries are fsynced, and its row is committed.  Only then may the caller
+report success to the sender.  A crash at any earlier point leaves either nothing, a temp file
+(removed by :meth:`recover`), or a complete file without a row (indexed by :meth:`recover`).
+
+Group commit: each caller parses, hashes, writes and fsyncs its own temp file in its own thread
+(associations run in parallel), then hands it to one committer thread.  The committer takes
+every hand-off waiting at that moment, renames them into place, fsyncs each touched directory
+once and commits all their rows in one transaction, and only then releases the callers.  The
+guarantee per instance is unchanged; the directory and database flushes are shared.
 
 Layout under the data directory::
 
@@ -18,38 +24,31 @@ and recorded in ``superseded_instances`` for audit.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
-import re
+import queue
 import shutil
 import threading
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-import pydicom
-import pydicom.config
 from pydicom.dataset import Dataset
 
 from .db import Database
+from .dicomfile import identify, parse_part10
 from .errors import InvalidDatasetError, OutOfSpaceError, StoreError
+from .index import AI_MANUFACTURER, index_instance
+
+__all__ = ["AI_MANUFACTURER", "InstanceStore", "StoreOutcome", "parse_part10", "utc_now"]
 
 log = logging.getLogger(__name__)
 
-# Real modalities send slightly non-conformant values all the time; we store bytes as received
-# and must not flood the log with per-element warnings (which could also quote patient data).
-pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-
-# UIDs become path components, so only accept what a UID may contain (PS3.5 9.1) -- this also
-# rules out path traversal from a hostile dataset.
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MIB = 1024 * 1024
-LOCK_STRIPES = 64
-# Written into every DICOM object the box creates, so it can always tell its own results apart.
-AI_MANUFACTURER = "Clinic Edge Appliance"
+MAX_BATCH = 64
 
 
 def utc_now() -> str:
@@ -64,8 +63,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _makedirs_durable(path: Path) -> None:
-    """mkdir -p, fsyncing each new directory's parent so the new entry survives power loss."""
+def _makedirs(path: Path, to_sync: set[Path]) -> None:
+    """mkdir -p, recording each new directory's parent: its new entry must be fsynced."""
     missing = []
     p = path
     while not p.exists():
@@ -76,7 +75,18 @@ def _makedirs_durable(path: Path) -> None:
             directory.mkdir()
         except FileExistsError:
             continue
-        _fsync_dir(directory.parent)
+        to_sync.add(directory.parent)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(MIB), b""):
+                h.update(chunk)
+    except FileNotFoundError:
+        return ""
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -89,79 +99,18 @@ class StoreOutcome:
     path: Path
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return "" if value is None else str(value).strip()
+@dataclass
+class _Pending:
+    """One fsynced temp file waiting for the committer."""
 
-
-def parse_part10(data: bytes) -> Dataset:
-    """Parse a DICOM Part 10 byte string completely; raise InvalidDatasetError if it is not one.
-
-    pydicom parses lazily, so every element is touched here: a garbled element must fail now,
-    at the door, not later in the analysis worker.
-    """
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        _check_lengths(ds)
-        for _elem in ds.iterall():
-            pass
-        ds.file_meta.TransferSyntaxUID  # noqa: B018 - must be present
-        _check_pixel_data(ds)
-    except InvalidDatasetError:
-        raise
-    except Exception as exc:  # pydicom raises many types on garbage
-        raise InvalidDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
-    return ds
-
-
-UNDEFINED_LENGTH = 0xFFFFFFFF
-
-
-def _check_lengths(ds: Dataset) -> None:
-    """pydicom accepts a value shorter than its declared length at the end of a stream; a
-    truncated transfer must not pass for a complete dataset."""
-    for tag in ds.keys():
-        raw = ds.get_item(tag)
-        length = getattr(raw, "length", None)
-        value = getattr(raw, "value", None)
-        if length not in (None, UNDEFINED_LENGTH) and isinstance(value, bytes) and len(value) != length:
-            raise InvalidDatasetError(f"cannot parse dataset: element {tag} truncated ({len(value)} of {length} bytes)")
-
-
-def _check_pixel_data(ds: Dataset) -> None:
-    """Native pixel data must hold every frame; encapsulated fragments must be complete."""
-    if "PixelData" not in ds or "Rows" not in ds:
-        return
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        from pydicom.encaps import generate_fragments
-
-        try:
-            fragments = sum(1 for _ in generate_fragments(ds.PixelData))
-        except Exception as exc:  # noqa: BLE001 - malformed item structure
-            raise InvalidDatasetError(f"cannot parse dataset: encapsulated pixel data is malformed: {exc}") from exc
-        if fragments == 0:
-            raise InvalidDatasetError("cannot parse dataset: encapsulated pixel data has no fragments")
-        return
-    bits = int(ds.get("BitsAllocated", 8) or 8)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    pixels = int(ds.Rows) * int(ds.Columns) * samples * frames
-    expected = (pixels * bits + 7) // 8
-    if len(ds.PixelData) < expected:
-        raise InvalidDatasetError(f"cannot parse dataset: pixel data truncated ({len(ds.PixelData)} of {expected} bytes)")
-
-
-def identify(ds: Dataset) -> dict[str, str]:
-    """The identifiers needed to file an instance; InvalidDatasetError if any is missing or bad."""
-    ids: dict[str, str] = {}
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-        value = _text(ds, keyword).rstrip("\0")
-        if not value:
-            raise InvalidDatasetError(f"missing {keyword}")
-        if len(value) > 64 or not UID_RE.match(value):
-            raise InvalidDatasetError(f"{keyword} is not a valid UID")
-        ids[keyword] = value
-    return ids
+    tmp: Path
+    size: int
+    sha: str
+    ds: Dataset
+    ids: dict[str, str]
+    calling_ae: str
+    source: str
+    future: Future = field(default_factory=Future)
 
 
 class InstanceStore:
@@ -176,7 +125,9 @@ class InstanceStore:
         self.tmp_dir = self.data_dir / "tmp"
         for d in (self.instances_dir, self.superseded_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
+        self._queue: "queue.Queue[_Pending]" = queue.Queue()
+        self._committer: Optional[threading.Thread] = None
+        self._committer_lock = threading.Lock()
 
     # -- space ---------------------------------------------------------------------------
     def check_space(self, incoming_bytes: int = 0) -> None:
@@ -211,55 +162,100 @@ class InstanceStore:
         if ds is None:
             ds = parse_part10(data)
         ids = identify(ds)
-        sha = hashlib.sha256(data).hexdigest()
-        tmp = self._write_temp(data)
+        pending = _Pending(self._write_temp(data), len(data), hashlib.sha256(data).hexdigest(), ds, ids,
+                           calling_ae, source)
         try:
-            lock = self._locks[hash(ids["SOPInstanceUID"]) % LOCK_STRIPES]
-            with lock:
-                return self._commit(tmp, data, sha, ds, ids, calling_ae, source)
+            self._ensure_committer()
+            self._queue.put(pending)
+            return pending.future.result()
         finally:
-            tmp.unlink(missing_ok=True)
+            pending.tmp.unlink(missing_ok=True)
 
-    def _commit(
-        self, tmp: Path, data: bytes, sha: str, ds: Dataset, ids: dict[str, str], calling_ae: str, source: str
-    ) -> StoreOutcome:
-        sop = ids["SOPInstanceUID"]
-        final = self.final_path(ids)
-        existing = self.db.query("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop,))
-        if existing and existing[0]["sha256"] == sha:
-            return StoreOutcome("duplicate", sop, existing[0]["study_uid"], Path(existing[0]["file_path"]))
+    def _ensure_committer(self) -> None:
+        with self._committer_lock:
+            if self._committer is None or not self._committer.is_alive():
+                self._committer = threading.Thread(target=self._commit_loop, name="store-commit", daemon=True)
+                self._committer.start()
+
+    def _commit_loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._commit_batch(batch)
+            except BaseException as exc:  # noqa: BLE001 - every waiting caller must get an answer
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc if isinstance(exc, StoreError) else StoreError(f"commit failed: {exc}"))
+
+    def _commit_batch(self, batch: list[_Pending]) -> None:
+        to_sync: set[Path] = set()
+        placed: list[tuple[_Pending, Path, str, Optional[dict[str, Any]]]] = []
+        in_batch: dict[str, dict[str, Any]] = {}  # rows this batch already placed, by SOP UID
         now = utc_now()
+        for p in batch:
+            try:
+                result = self._place(p, in_batch, to_sync, now)
+            except (OSError, StoreError) as exc:
+                p.future.set_exception(exc if isinstance(exc, StoreError) else StoreError(f"cannot store: {exc}"))
+                continue
+            if isinstance(result, StoreOutcome):
+                p.future.set_result(result)
+            else:
+                placed.append((p, *result))
+        if not placed:
+            return
+        for directory in to_sync:
+            _fsync_dir(directory)
+        with self.db.atomic() as tx:
+            for p, final, action, superseded_row in placed:
+                index_instance(tx, p.ds, p.ids, final, p.size, p.sha, p.calling_ae, p.source, now)
+                if superseded_row:
+                    tx["superseded_instances"].insert(superseded_row)
+        for p, final, action, _ in placed:
+            p.future.set_result(StoreOutcome(action, p.ids["SOPInstanceUID"], p.ids["StudyInstanceUID"], final))
+
+    def _place(self, p: _Pending, in_batch: dict[str, dict[str, Any]], to_sync: set[Path],
+               now: str) -> StoreOutcome | tuple[Path, str, Optional[dict[str, Any]]]:
+        """Rename one temp file into place (or decide it is a duplicate); no fsync, no commit."""
+        sop = p.ids["SOPInstanceUID"]
+        final = self.final_path(p.ids)
+        existing = in_batch.get(sop)
+        if existing is None:
+            rows = self.db.query("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop,))
+            existing = rows[0] if rows else None
+        if existing and existing["sha256"] == p.sha:
+            return StoreOutcome("duplicate", sop, existing["study_uid"], Path(existing["file_path"]))
         superseded_row = None
         if existing:
-            old = existing[0]
-            old_path = Path(old["file_path"])
-            if _sha256_file(old_path) != sha:
+            old_path = Path(existing["file_path"])
+            if _sha256_file(old_path) != p.sha:
                 # Keep the older version for audit: a hard link costs no copy and leaves the
                 # current file in place until the atomic rename below.
-                keep = self.superseded_dir / old["study_uid"] / old["series_uid"] / f"{sop}.{now.replace(':', '')}.dcm"
-                _makedirs_durable(keep.parent)
+                keep = (self.superseded_dir / existing["study_uid"] / existing["series_uid"]
+                        / f"{sop}.{now.replace(':', '')}.{p.sha[:8]}.dcm")
+                _makedirs(keep.parent, to_sync)
                 os.link(old_path, keep)
-                _fsync_dir(keep.parent)
+                to_sync.add(keep.parent)
                 superseded_row = {
-                    "sop_instance_uid": sop,
-                    "file_path": str(keep),
-                    "size": old["size"],
-                    "sha256": old["sha256"],
-                    "received_at": old["received_at"],
-                    "superseded_at": now,
-                    "superseded_by_sha256": sha,
+                    "sop_instance_uid": sop, "file_path": str(keep), "size": existing["size"],
+                    "sha256": existing["sha256"], "received_at": existing["received_at"],
+                    "superseded_at": now, "superseded_by_sha256": p.sha,
                 }
             # else: a crash after the rename but before the commit left the new bytes in place.
             if old_path != final:
                 old_path.unlink(missing_ok=True)
-        _makedirs_durable(final.parent)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        with self.db.atomic() as tx:
-            _index(tx, ds, ids, final, len(data), sha, calling_ae, source, now)
-            if superseded_row:
-                tx["superseded_instances"].insert(superseded_row)
-        return StoreOutcome("replaced" if existing else "stored", sop, ids["StudyInstanceUID"], final)
+        _makedirs(final.parent, to_sync)
+        os.replace(p.tmp, final)
+        to_sync.add(final.parent)
+        in_batch[sop] = {"sha256": p.sha, "study_uid": p.ids["StudyInstanceUID"],
+                         "series_uid": p.ids["SeriesInstanceUID"], "file_path": str(final), "size": p.size,
+                         "received_at": now}
+        return final, "replaced" if existing else "stored", superseded_row
 
     # -- start-up recovery ---------------------------------------------------------------
     def recover(self) -> dict[str, int]:
@@ -284,8 +280,9 @@ class InstanceStore:
                 aside.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(path, aside)
                 continue
+            source = "ai" if str(ds.get("Manufacturer", "")) == AI_MANUFACTURER else "recovered"
             with self.db.atomic() as tx:
-                _index(tx, ds, ids, path, len(data), hashlib.sha256(data).hexdigest(), "", "recovered", utc_now())
+                index_instance(tx, ds, ids, path, len(data), hashlib.sha256(data).hexdigest(), "", source, utc_now())
             indexed += 1
         missing = sum(1 for p in known if not Path(p).exists())
         if missing:
@@ -293,94 +290,3 @@ class InstanceStore:
         if removed or indexed:
             log.info("recovery: removed %d temp files, indexed %d orphan files", removed, indexed)
         return {"temp_removed": removed, "orphans_indexed": indexed, "rows_without_file": missing}
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(MIB), b""):
-                h.update(chunk)
-    except FileNotFoundError:
-        return ""
-    return h.hexdigest()
-
-
-def _index(
-    tx: Any, ds: Dataset, ids: dict[str, str], path: Path, size: int, sha: str, calling_ae: str, source: str, now: str
-) -> None:
-    """Upsert patient, study, series and instance rows (inside the caller's transaction)."""
-    patient_id = _text(ds, "PatientID")
-    issuer = _text(ds, "IssuerOfPatientID")
-    tx.execute(
-        "INSERT INTO patients (patient_id, issuer, name, birth_date, sex) VALUES (?, ?, ?, ?, ?) "
-        "ON CONFLICT (patient_id, issuer) DO UPDATE SET name = excluded.name, "
-        "birth_date = excluded.birth_date, sex = excluded.sex",
-        (patient_id, issuer, _text(ds, "PatientName"), _text(ds, "PatientBirthDate"), _text(ds, "PatientSex")),
-    )
-    patient_pk = tx.execute(
-        "SELECT id FROM patients WHERE patient_id = ? AND issuer = ?", (patient_id, issuer)
-    ).fetchone()[0]
-    study = ids["StudyInstanceUID"]
-    tx.execute(
-        "INSERT INTO studies (study_uid, patient_pk, accession, study_date, study_time, description, "
-        "first_received_at, last_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-        # A late image re-opens a settled study (DICOM has no end-of-study signal).
-        "ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at, settled_at = ''",
-        (
-            study,
-            patient_pk,
-            _text(ds, "AccessionNumber"),
-            _text(ds, "StudyDate"),
-            _text(ds, "StudyTime"),
-            _text(ds, "StudyDescription"),
-            now,
-            now,
-        ),
-    )
-    tx.execute(
-        "INSERT INTO series (series_uid, study_uid, modality, body_part, series_number, description) "
-        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (series_uid) DO NOTHING",
-        (
-            ids["SeriesInstanceUID"],
-            study,
-            _text(ds, "Modality"),
-            _text(ds, "BodyPartExamined"),
-            _text(ds, "SeriesNumber"),
-            _text(ds, "SeriesDescription"),
-        ),
-    )
-    tx.execute(
-        "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid, instance_number, "
-        "file_path, size, sha256, transfer_syntax, calling_ae, source, received_at, state) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received') "
-        "ON CONFLICT (sop_instance_uid) DO UPDATE SET file_path = excluded.file_path, size = excluded.size, "
-        "sha256 = excluded.sha256, transfer_syntax = excluded.transfer_syntax, calling_ae = excluded.calling_ae, "
-        "source = excluded.source, received_at = excluded.received_at, state = 'received'",
-        (
-            ids["SOPInstanceUID"],
-            ids["SeriesInstanceUID"],
-            study,
-            ids["SOPClassUID"],
-            _text(ds, "InstanceNumber"),
-            str(path),
-            size,
-            sha,
-            str(ds.file_meta.TransferSyntaxUID),
-            calling_ae,
-            source,
-            now,
-        ),
-    )
-    if needs_analysis(ds, source):
-        tx.execute(
-            "INSERT INTO analysis_jobs (sop_instance_uid, study_uid, state, created_at, updated_at) "
-            "SELECT ?, ?, 'pending', ?, ? WHERE NOT EXISTS (SELECT 1 FROM analysis_jobs "
-            "WHERE sop_instance_uid = ? AND state IN ('pending', 'running'))",
-            (ids["SOPInstanceUID"], study, now, now, ids["SOPInstanceUID"]),
-        )
-
-
-def needs_analysis(ds: Dataset, source: str) -> bool:
-    """Images from the clinic get an analysis job; the box's own AI results never do."""
-    return "PixelData" in ds and source != "ai" and _text(ds, "Manufacturer") != AI_MANUFACTURER

@@ -1,7 +1,7 @@
 """The durable analysis queue and its workers.
 
 Every stored clinic image gets a row in ``analysis_jobs`` in the same transaction as its
-instance row (see ``store._index``).  Workers claim jobs, route each image to the models whose
+instance row (see ``index.index_instance``).  Workers claim jobs, route each image to the models whose
 manifest applies to its modality, run gate -> preprocess -> infer -> postprocess, store the AI
 results as DICOM (SR + heatmap SC) through the durable store, and then commit the result rows,
 the job state and the study's triage in one transaction.

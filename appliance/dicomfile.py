@@ -1,0 +1,99 @@
+"""What makes a received byte string an acceptable DICOM instance.
+
+Parsing is complete and strict on purpose: pydicom parses lazily and tolerates truncation at the
+end of a stream, so a truncated or garbled transfer must be caught here, at the door, not later
+in the analysis worker.
+"""
+from __future__ import annotations
+
+import io
+import re
+
+import pydicom
+import pydicom.config
+from pydicom.dataset import Dataset
+
+from .errors import InvalidDatasetError
+
+# Real modalities send slightly non-conformant values all the time; we store bytes as received
+# and must not flood the log with per-element warnings (which could also quote patient data).
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+# UIDs become path components, so only accept what a UID may contain (PS3.5 9.1) -- this also
+# rules out path traversal from a hostile dataset.
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def parse_part10(data: bytes) -> Dataset:
+    """Parse a DICOM Part 10 byte string completely; raise InvalidDatasetError if it is not one.
+
+    pydicom parses lazily, so every element is touched here: a garbled element must fail now,
+    at the door, not later in the analysis worker.
+    """
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        _check_lengths(ds)
+        for _elem in ds.iterall():
+            pass
+        ds.file_meta.TransferSyntaxUID  # noqa: B018 - must be present
+        _check_pixel_data(ds)
+    except InvalidDatasetError:
+        raise
+    except Exception as exc:  # pydicom raises many types on garbage
+        raise InvalidDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
+    return ds
+
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _check_lengths(ds: Dataset) -> None:
+    """pydicom accepts a value shorter than its declared length at the end of a stream; a
+    truncated transfer must not pass for a complete dataset."""
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if length not in (None, UNDEFINED_LENGTH) and isinstance(value, bytes) and len(value) != length:
+            raise InvalidDatasetError(f"cannot parse dataset: element {tag} truncated ({len(value)} of {length} bytes)")
+
+
+def _check_pixel_data(ds: Dataset) -> None:
+    """Native pixel data must hold every frame; encapsulated fragments must be complete."""
+    if "PixelData" not in ds or "Rows" not in ds:
+        return
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        from pydicom.encaps import generate_fragments
+
+        try:
+            fragments = sum(1 for _ in generate_fragments(ds.PixelData))
+        except Exception as exc:  # noqa: BLE001 - malformed item structure
+            raise InvalidDatasetError(f"cannot parse dataset: encapsulated pixel data is malformed: {exc}") from exc
+        if fragments == 0:
+            raise InvalidDatasetError("cannot parse dataset: encapsulated pixel data has no fragments")
+        return
+    bits = int(ds.get("BitsAllocated", 8) or 8)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    pixels = int(ds.Rows) * int(ds.Columns) * samples * frames
+    expected = (pixels * bits + 7) // 8
+    if len(ds.PixelData) < expected:
+        raise InvalidDatasetError(f"cannot parse dataset: pixel data truncated ({len(ds.PixelData)} of {expected} bytes)")
+
+
+def identify(ds: Dataset) -> dict[str, str]:
+    """The identifiers needed to file an instance; InvalidDatasetError if any is missing or bad."""
+    ids: dict[str, str] = {}
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        value = text(ds, keyword).rstrip("\0")
+        if not value:
+            raise InvalidDatasetError(f"missing {keyword}")
+        if len(value) > 64 or not UID_RE.match(value):
+            raise InvalidDatasetError(f"{keyword} is not a valid UID")
+        ids[keyword] = value
+    return ids
