@@ -65,6 +65,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "workers": 1,
         "study_quiet_s": 60,
         "max_attempts": 8,
+        "defer_while_receiving_s": 10,
         "shared_data_dir": str(PROJECT_ROOT.parent / "shared" / "data"),
     },
 }
@@ -156,6 +157,7 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "analyze.workers": _check_positive,
     "analyze.study_quiet_s": _check_non_negative,
     "analyze.max_attempts": _check_positive,
+    "analyze.defer_while_receiving_s": _check_non_negative,
 }
 
 

@@ -8,8 +8,14 @@ from typing import Any
 
 from waitress.server import create_server
 
+from web import create_app
+
+from .acquire.scp import IngestActivity, start_scp
+from .analyze.worker import AnalysisWorker
 from .config import Config
 from .db import open_database
+from .forward.reports import scp_hook
+from .forward.service import Forwarder
 from .store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -30,23 +36,15 @@ class Appliance:
         self._stop = threading.Event()
 
     def start(self) -> None:
-        from web import create_app
-
-        from .acquire.scp import start_scp
-
         report = self.store.recover()
         log.info("start-up recovery: %s", report)
-        from .analyze.worker import AnalysisWorker
-
-        from .forward.reports import scp_hook
-        from .forward.service import Forwarder
-
-        self.worker = AnalysisWorker(self.config, self.database, self.store)
+        activity = IngestActivity()
+        self.worker = AnalysisWorker(self.config, self.database, self.store, ingest_busy=activity.busy)
         self.worker.start()
         self.forwarder = Forwarder(self.config, self.database, self.store)
         self.forwarder.start()
         self._scp = start_scp(self.config, self.store, on_stored=self.worker.wake,
-                              report_hook=scp_hook(self.config, self.database, self.store))
+                              report_hook=scp_hook(self.config, self.database, self.store), activity=activity)
         http = self.config["http"]
         app = create_app(self.config)
         self._http = create_server(app, host=http["host"], port=http["port"], threads=http["threads"])

@@ -8,6 +8,7 @@ patient names.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable
 
 from pydicom.dataset import Dataset
@@ -159,8 +160,28 @@ def make_ae(config: Config) -> AE:
     return ae
 
 
+class IngestActivity:
+    """Counts open DICOM connections, so analysis can give way while images are arriving."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = 0
+
+    def opened(self, _event: evt.Event) -> None:
+        with self._lock:
+            self._open += 1
+
+    def closed(self, _event: evt.Event) -> None:
+        with self._lock:
+            self._open = max(0, self._open - 1)
+
+    def busy(self) -> bool:
+        return self._open > 0
+
+
 def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], None] | None = None,
-              report_hook: Callable[[str, bytes, Dataset], Any] | None = None) -> ThreadedAssociationServer:
+              report_hook: Callable[[str, bytes, Dataset], Any] | None = None,
+              activity: IngestActivity | None = None) -> ThreadedAssociationServer:
     """Start serving in background threads; call ``.shutdown()`` on the result to stop."""
     ae = make_ae(config)
     handlers = [
@@ -168,6 +189,8 @@ def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], N
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, _handle_rejected),
     ]
+    if activity is not None:
+        handlers += [(evt.EVT_CONN_OPEN, activity.opened), (evt.EVT_CONN_CLOSE, activity.closed)]
     server = ae.start_server((config["dicom"]["host"], config["dicom"]["port"]), block=False, evt_handlers=handlers)
     log.info("DICOM SCP %s listening on %s:%d", config["dicom"]["ae_title"], *server.server_address[:2])
     return server

@@ -15,6 +15,7 @@ permanent ones (a model that cannot load, pixels that cannot be decoded) become 
 from __future__ import annotations
 
 import json
+import os
 import logging
 import sqlite3
 import threading
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pydicom
 import pydicom.errors
@@ -58,15 +59,43 @@ def _ts(dt: datetime) -> str:
     return dt.isoformat(timespec="milliseconds")
 
 
-def route(ds: pydicom.Dataset, engines_dir: Path) -> list[Route]:
+class ModelCatalog:
+    """The installed packages, verified once and re-verified only when their files change.
+
+    Verifying hashes every model file; doing it per image would cost more than the inference.
+    """
+
+    def __init__(self, engines_dir: Path):
+        self.engines_dir = engines_dir
+        self._lock = threading.Lock()
+        self._signature: Optional[tuple] = None
+        self._found: dict[str, Manifest | ManifestError] = {}
+
+    def _current_signature(self) -> tuple:
+        if not self.engines_dir.is_dir():
+            return ()
+        return tuple(sorted((str(p), st.st_mtime_ns, st.st_size) for p in self.engines_dir.glob("*/*")
+                            if p.is_file() for st in [p.stat()]))
+
+    def packages(self) -> dict[str, Manifest | ManifestError]:
+        signature = self._current_signature()
+        with self._lock:
+            if signature != self._signature:
+                self._found = discover_models(self.engines_dir)
+                self._signature = signature
+            return self._found
+
+
+def route(ds: pydicom.Dataset, catalog: ModelCatalog) -> list[Route]:
     """The installed models whose applicability lists this image's modality (or any modality).
 
     A package that fails verification is still routed by its (unverified) applicability, so its
     cases are visibly marked failed instead of silently skipped.
     """
     modality = str(ds.get("Modality", "") or "").strip().upper()
+    engines_dir = catalog.engines_dir
     routes = []
-    for model_id, found in discover_models(engines_dir).items():
+    for model_id, found in catalog.packages().items():
         if isinstance(found, ManifestError):
             try:
                 loose = load_manifest(engines_dir / model_id, verify=False)
@@ -80,6 +109,14 @@ def route(ds: pydicom.Dataset, engines_dir: Path) -> list[Route]:
     return routes
 
 
+def _lower_thread_priority() -> None:
+    """Nice this worker thread (Linux: per-thread priority) so ingest and the UI stay responsive."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
+
+
 def result_uid(source_uid: str, model_id: str, version: str, kind: str) -> str:
     """Deterministic UID for an AI object, so a re-run replaces instead of duplicating."""
     return derived_uid(source_uid, model_id, version, kind)
@@ -88,11 +125,14 @@ def result_uid(source_uid: str, model_id: str, version: str, kind: str) -> str:
 class AnalysisWorker:
     """Worker threads over the ``analysis_jobs`` table."""
 
-    def __init__(self, config: Config, database: Database, store: InstanceStore):
+    def __init__(self, config: Config, database: Database, store: InstanceStore,
+                 ingest_busy: Optional[Callable[[], bool]] = None):
         self.config = config
         self.db = database
         self.store = store
-        self.engines_dir = Path(config["analyze"]["engines_dir"])
+        self.catalog = ModelCatalog(Path(config["analyze"]["engines_dir"]))
+        self.ingest_busy = ingest_busy or (lambda: False)
+        self.max_defer_s = float(config["analyze"]["defer_while_receiving_s"])
         self.max_attempts = int(config["analyze"]["max_attempts"])
         self.quiet_s = int(config["analyze"]["study_quiet_s"])
         self._wake = threading.Event()
@@ -126,7 +166,18 @@ class AnalysisWorker:
         self._wake.set()
 
     def _loop(self, sweeper: bool) -> None:
+        _lower_thread_priority()
+        deferring_since: Optional[float] = None
         while not self._stop.is_set():
+            # Receiving has priority: an association waiting on us keeps a modality waiting.
+            # Analysis gives way while images arrive, but never for longer than max_defer_s.
+            if self.ingest_busy():
+                deferring_since = deferring_since or time.monotonic()
+                if time.monotonic() - deferring_since < self.max_defer_s:
+                    self._stop.wait(0.05)
+                    continue
+            else:
+                deferring_since = None
             try:
                 worked = self.run_once()
                 if sweeper:
@@ -205,7 +256,7 @@ class AnalysisWorker:
             rows.append(self._row(job, ROUTER, "1", "failed", error=f"stored file unreadable: {exc}"))
             self._commit(job, rows)
             return
-        routes = route(header, self.engines_dir)
+        routes = route(header, self.catalog)
         if not routes:
             modality = str(header.get("Modality", "") or "unknown")
             rows.append(self._row(job, ROUTER, "1", "abstained", code="NO_APPLICABLE_MODEL",
