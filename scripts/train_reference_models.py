@@ -75,7 +75,7 @@ SPECS = {
     "us-breast-lesion": Spec(
         model_id="us-breast-lesion", data_file="breastmnist_trainval.npz", positive_labels=[0],
         finding_code="suspicious_malignancy", finding_label="Lesion suspicious for malignancy",
-        severity="review", target_sensitivity=0.90, hflip=True, max_rotation=15.0, epochs=120,
+        severity="review", target_sensitivity=0.90, hflip=True, max_rotation=15.0, epochs=60,
         members=[("plain", 11), ("res", 12), ("plain", 13), ("res", 14)], batch_size=64,
     ),
 }
