@@ -473,8 +473,8 @@ The official test split was not available and was not used."""
 - Input should be a still frame showing the lesion; it was not trained on arbitrary clip frames.
 - **Validation only**; temperature and threshold were fitted on the same validation split."""
         severity_note = ("Severity **review** (not urgent): a suspicious breast lesion needs a "
-                         "specialist read and usually a biopsy within days, not minutes, and at this "
-                         "operating point most flags are false positives; raising it to *urgent* "
+                         "specialist read and usually a biopsy within days, not minutes, and at a "
+                         "clinic's lower prevalence most flags will be false positives; raising it to *urgent* "
                          "would crowd the worklist ahead of genuinely time-critical cases.")
 
     text = f"""# Model card: {MANIFEST_TEMPLATES[spec.model_id]['name']} (`{spec.model_id}` 1.0.0)
