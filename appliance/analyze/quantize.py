@@ -13,7 +13,6 @@ and an INT8 TensorRT engine on the device.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ else:  # pragma: no cover - exercised on the device's Python 3.10
 
 from ..errors import ManifestError, QuantizeRefusedError
 from ..imaging.preprocess import preprocess
-from .manifest import load_manifest
+from .manifest import load_manifest, sha256_file
 from .validate import bootstrap_ci, roc_auc
 
 log = logging.getLogger(__name__)
@@ -49,14 +48,6 @@ OPS_TO_QUANTIZE = ("Conv", "Gemm", "MatMul")
 
 
 # --------------------------------------------------------------------------- package files
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -13,12 +13,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from appliance.analyze.quantize import (
-    INT8_MODEL,
-    quantize_model,
-    refresh_file_hashes,
-    sha256_file,
-)
+from appliance.analyze.manifest import sha256_file
+from appliance.analyze.quantize import INT8_MODEL, quantize_model, refresh_file_hashes
 from appliance.errors import ManifestError, QuantizeRefusedError
 
 ROOT = Path(__file__).resolve().parents[2]
