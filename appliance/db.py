@@ -5,6 +5,8 @@ Each thread gets its own connection (sqlite3 connections must not be shared betw
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -320,6 +322,8 @@ class Database:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._lock_fd: int | None = None
 
     @property
     def db(self) -> sqlite_utils.Database:
@@ -340,15 +344,28 @@ class Database:
     @contextmanager
     def atomic(self) -> Iterator[sqlite_utils.Database]:
         """One write transaction (BEGIN IMMEDIATE takes the write lock up front, avoiding
-        upgrade deadlocks between threads)."""
+        upgrade deadlocks between threads).
+
+        Writers first queue on a thread lock and an flock on ``<db>.writelock``: several
+        processes may write (`appliance serve` and an `appliance import` or `analyze` run beside
+        it), and SQLite's own busy handler waits by sleeping up to 100 ms at a time, while a
+        blocked flock wakes the moment the holder commits.
+        """
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with self._write_lock:
+            if self._lock_fd is None:
+                self._lock_fd = os.open(f"{self.path}.writelock", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[dict]:
         return list(self.db.query(sql, params))

@@ -8,6 +8,7 @@ patient names.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from typing import Any, Callable
 
@@ -201,6 +202,16 @@ class IngestActivity:
         return self._open > 0
 
 
+class NoDelayServer(ThreadedAssociationServer):
+    """Disable Nagle on accepted connections: a small response written behind a previous
+    segment must not wait for the peer's delayed ACK (tens of milliseconds per C-STORE)."""
+
+    def get_request(self) -> Any:
+        conn, address = super().get_request()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn, address
+
+
 def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], None] | None = None,
               report_hook: Callable[[str, bytes, Dataset], Any] | None = None,
               activity: IngestActivity | None = None) -> ThreadedAssociationServer:
@@ -213,6 +224,10 @@ def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], N
     ]
     if activity is not None:
         handlers += [(evt.EVT_CONN_OPEN, activity.opened), (evt.EVT_CONN_CLOSE, activity.closed)]
-    server = ae.start_server((config["dicom"]["host"], config["dicom"]["port"]), block=False, evt_handlers=handlers)
+    server = ae.make_server((config["dicom"]["host"], config["dicom"]["port"]), evt_handlers=handlers,
+                            server_class=NoDelayServer)
+    # What AE.start_server does for its own servers: shutdown() expects to find it in this list.
+    ae._servers.append(server)
+    threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True).start()
     log.info("DICOM SCP %s listening on %s:%d", config["dicom"]["ae_title"], *server.server_address[:2])
     return server
