@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from appliance.analyze.runner import get_runner  # noqa: E402
 from appliance.config import load_config  # noqa: E402
-from tests.helpers import ServerProcess, sample  # noqa: E402
+from tests.helpers import CALLING_AE, ServerProcess, sample  # noqa: E402
 
 MODEL = "cxr-pneumonia"
 
@@ -61,7 +61,7 @@ def resized(ds: pydicom.Dataset, size: int) -> pydicom.Dataset:
 
 
 def send(port: int, files: list[Path]) -> None:
-    result = subprocess.run(["dcmsend", "-nh", "-aet", "BENCH", "-aec", "EDGE", "127.0.0.1", str(port), *map(str, files)],
+    result = subprocess.run(["dcmsend", "-nh", "-aet", CALLING_AE, "-aec", "EDGE", "127.0.0.1", str(port), *map(str, files)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"dcmsend failed: {result.stderr[-500:]}")
@@ -80,7 +80,7 @@ def pct(values: list[float], q: float) -> float:
 
 def bench_latency(work: Path, n: int) -> list[float]:
     files = make_copies(pydicom.dcmread(sample("RG1_UNCR.dcm")), n, work / "latency")
-    server = ServerProcess(work / "data-latency", allowed="BENCH",
+    server = ServerProcess(work / "data-latency", allowed=CALLING_AE,
                            extra_env={"APPLIANCE_ANALYZE_WORKERS": "2"}).start()
     latencies = []
     try:
@@ -101,11 +101,11 @@ def bench_latency(work: Path, n: int) -> list[float]:
 
 
 def bench_burst(files: list[Path], work: Path, senders: int) -> float:
-    server = ServerProcess(work / "data-burst", allowed="BENCH", extra_env={"APPLIANCE_ANALYZE_WORKERS": "2"}).start()
+    server = ServerProcess(work / "data-burst", allowed=CALLING_AE, extra_env={"APPLIANCE_ANALYZE_WORKERS": "2"}).start()
     try:
         db = sqlite3.connect(server.data_dir / "appliance.db")
         t0 = time.perf_counter()
-        procs = [subprocess.Popen(["dcmsend", "-nh", "-aet", "BENCH", "-aec", "EDGE", "127.0.0.1",
+        procs = [subprocess.Popen(["dcmsend", "-nh", "-aet", CALLING_AE, "-aec", "EDGE", "127.0.0.1",
                                    str(server.dicom_port), *map(str, files[i::senders])],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(senders)]
         while result_count(db) < len(files):
