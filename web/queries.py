@@ -2,7 +2,7 @@
 
 The worklist's first page must render in well under 200 ms with 10,000 studies, so the page
 query uses the worklist index (``triage.WORKLIST_ORDER``) with LIMIT/OFFSET, and everything
-else (modalities, AI results, forward requests) is fetched for the page's studies only.
+else (modalities, AI results, outbox items) is fetched for the page's studies only.
 """
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from flask_babel import gettext as _
 from appliance import triage
 
 PRIORITIES = ("urgent", "review", "routine", "not_analyzed")
-STATES = ("received", "analyzed", "reviewed", "sent", "reported")
+# The study states of README ("appliance studies --json"), in the order a case moves through them.
+STATES = ("received", "analyzed", "reviewed", "sent", "report_received")
+# Outbox item states that mean "on its way" (appliance.forward.outbox.ACTIVE).
+OUTBOX_PENDING = ("queued", "sending", "delivered")
 ROUTER = "router"
 
 
@@ -42,7 +45,7 @@ def priority_words(priority: str) -> str:
 
 def state_words(state: str) -> str:
     return {"received": _("Received"), "analyzed": _("Analysed"), "reviewed": _("Reviewed"),
-            "sent": _("Sent"), "reported": _("Report back")}.get(state, state)
+            "sent": _("Sent"), "report_received": _("Report back")}.get(state, state)
 
 
 def age(birth_date: str, at: str = "") -> str:
@@ -127,7 +130,9 @@ def worklist(database: Any, search: str = "", priority: str = "", state: str = "
         where.append("s.priority = ?")
         params.append(priority)
     if state == "sent":
-        where.append("s.study_uid IN (SELECT study_uid FROM forward_requests)")
+        # Sent, or on its way (the chip reads "Send queued"): anything the outbox holds for it.
+        where.append("(s.state = 'sent' OR s.study_uid IN (SELECT study_uid FROM outbox_items "
+                     "WHERE state != 'cancelled'))")
     elif state in STATES:
         where.append("s.state = ?")
         params.append(state)
@@ -149,7 +154,7 @@ def worklist(database: Any, search: str = "", priority: str = "", state: str = "
 
 
 def page_details(database: Any, uids: list[str]) -> dict[str, dict[str, Any]]:
-    """Modalities, AI results, job counts and forward requests for a set of studies."""
+    """Modalities, AI results, job counts and outbox item states for a set of studies."""
     out: dict[str, dict[str, Any]] = {u: {"modalities": set(), "results": [], "outstanding": 0, "failed": 0,
                                           "forwards": []} for u in uids}
     marks = _in(uids)
@@ -166,20 +171,30 @@ def page_details(database: Any, uids: list[str]) -> dict[str, dict[str, Any]]:
             "SELECT study_uid, SUM(state IN ('pending', 'running')) AS outstanding, SUM(state = 'failed') AS failed "
             f"FROM analysis_jobs WHERE study_uid IN ({marks}) GROUP BY study_uid", tuple(uids)):
         out[r["study_uid"]].update(outstanding=r["outstanding"] or 0, failed=r["failed"] or 0)
-    for r in database.query(f"SELECT study_uid, destination, state FROM forward_requests WHERE study_uid IN ({marks}) "
+    for r in database.query(f"SELECT study_uid, destination, state FROM outbox_items WHERE study_uid IN ({marks}) "
                             "ORDER BY id", tuple(uids)):
         out[r["study_uid"]]["forwards"].append(r)
     return out
 
 
 def chips(state: str, forwards: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The five stages with which are done; "sent" shows as queued while only requested."""
-    reached = {"received": 0, "analyzed": 1, "reviewed": 2, "sent": 3, "reported": 4}.get(state, 0)
+    """The five stages with which are done.  ``forwards`` are the study's outbox items (at least
+    ``state``): "Sent" once one is confirmed (the study state says so only when all are), "Send
+    queued" while one is on its way, "Send failed" when the only ones left failed (the study view
+    says why)."""
+    reached = {stage: index for index, stage in enumerate(STATES)}.get(state, 0)
+    confirmed = any(f["state"] == "confirmed" for f in forwards)
+    pending = any(f["state"] in OUTBOX_PENDING for f in forwards)
+    failed = any(f["state"] == "failed" for f in forwards)
     out = []
     for index, stage in enumerate(STATES):
         label, done = state_words(stage), index <= reached
-        if stage == "sent" and not done and forwards:
+        if stage == "sent" and not done and confirmed:
+            done = True
+        elif stage == "sent" and not done and pending:
             label, done = _("Send queued"), True
+        elif stage == "sent" and not done and failed:
+            label = _("Send failed")
         out.append({"stage": stage, "label": label, "done": done, "current": index == reached})
     return out
 

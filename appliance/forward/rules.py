@@ -1,5 +1,7 @@
-"""Automatic forwarding: ``[[forward_rules]]`` and the UI's ``forward_requests`` rows, turned into
-outbox items by the sender thread.
+"""Automatic forwarding: ``[[forward_rules]]`` turned into outbox items by the sender thread.
+
+(The web UI calls :func:`~appliance.forward.outbox.request_forward` directly; the
+``forward_requests`` table of schema version 3 is no longer written or read.)
 
 Evaluation is a query, not an event handler, so it is durable by construction: a study that
 matches a rule and has never had an item for the rule's destination gets one, whenever the
@@ -12,9 +14,6 @@ import logging
 
 from ..config import Config
 from ..db import Database
-from ..errors import ConfigError
-from ..store import utc_now
-from .errors import ForwardRequestError
 from .outbox import request_forward
 
 log = logging.getLogger(__name__)
@@ -49,24 +48,3 @@ def evaluate(database: Database, config: Config) -> int:
         log.info("forward rules queued %d items", created)
     return created
 
-
-def consume_requests(database: Database, config: Config) -> int:
-    """Turn the UI's ``forward_requests`` rows (state 'requested') into outbox items."""
-    handled = 0
-    for row in database.query("SELECT * FROM forward_requests WHERE state = 'requested' ORDER BY id LIMIT 100"):
-        done = database.query("SELECT id FROM outbox_items WHERE origin = ?", (f"ui:{row['id']}",))
-        try:
-            # A crash between the item's commit and the request's update must not queue it twice.
-            item_id = done[0]["id"] if done else request_forward(
-                database, config, row["study_uid"], row["destination"], row["priority"],
-                requested_by=row["requested_by"], origin=f"ui:{row['id']}")
-            state = "queued"
-        except (ConfigError, ForwardRequestError) as exc:
-            log.warning("forward request %d rejected: %s", row["id"], exc)
-            item_id, state = 0, "rejected"
-        with database.atomic() as tx:
-            tx.execute("UPDATE forward_requests SET state = ?, updated_at = ? WHERE id = ?",
-                       (state, utc_now(), row["id"]))
-        log.info("forward request %d -> outbox item %d (%s)", row["id"], item_id, state)
-        handled += 1
-    return handled

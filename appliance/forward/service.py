@@ -97,7 +97,6 @@ class Forwarder:
             try:
                 if time.monotonic() - self._last_rules >= RULES_EVERY_S:
                     self._last_rules = time.monotonic()
-                    rules.consume_requests(self.db, self.config)
                     rules.evaluate(self.db, self.config)
                 worked = self.run_once()
             except Exception:  # noqa: BLE001 - the sender thread must survive anything

@@ -1,4 +1,4 @@
-"""Outbox pieces without a network: UI requests, idempotency, cancel/retry, windows, backoff, deid."""
+"""Outbox pieces without a network: requests, idempotency, cancel/retry, windows, backoff, deid."""
 from __future__ import annotations
 
 import random
@@ -14,8 +14,7 @@ from appliance.forward import cancel_item, request_forward, retry_item, study_fo
 from appliance.forward.deid import UidMap, deidentify
 from appliance.forward.errors import ForwardRequestError, PolicyBlocked
 from appliance.forward.pacing import backoff_s, in_window
-from appliance.forward.rules import consume_requests
-from appliance.store import InstanceStore, utc_now
+from appliance.store import InstanceStore
 from tests.helpers import sample
 
 
@@ -51,20 +50,6 @@ def test_cancel_and_retry(box):
     assert study_forwarding(database, study)[0]["state"] == "queued"
     actions = [r["action"] for r in database.query("SELECT action FROM audit_log ORDER BY id")]
     assert actions == ["forward_request", "forward_cancel", "forward_retry"]
-
-
-def test_ui_forward_requests_become_items_once(box):
-    config, database, study = box
-    with database.atomic() as tx:
-        for dest in ("hub", "gone"):
-            tx.execute("INSERT INTO forward_requests (study_uid, destination, requested_by, requested_at, updated_at) "
-                       "VALUES (?, ?, 'nurse', ?, ?)", (study, dest, utc_now(), utc_now()))
-    assert consume_requests(database, config) == 2
-    assert consume_requests(database, config) == 0
-    states = [r["state"] for r in database.query("SELECT state FROM forward_requests ORDER BY id")]
-    assert states == ["queued", "rejected"]
-    (item,) = study_forwarding(database, study)
-    assert item["requested_by"] == "nurse" and item["origin"].startswith("ui:")
 
 
 def test_send_window_and_backoff():

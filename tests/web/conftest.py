@@ -18,6 +18,7 @@ from tests.helpers import sample
 PASSWORDS = {"admin": "admin-password-1", "staff": "staff-password-1", "viewer": "viewer-password-1"}
 STAFF_PIN = "2468"
 CHEST, CLIP, CT = "RG1_UNCR.dcm", "color3d_jpeg_baseline.dcm", "CT_small.dcm"
+HUB_SECRET = "s3cret-value"  # must never appear on a page
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +115,34 @@ def study_app(tmp_path: Path, analysed_data: tuple[Path, dict[str, str]], urgent
     data_dir = tmp_path / "data"
     shutil.copytree(source, data_dir)
     application = make_app(data_dir, urgent_engines)
+    add_users(application)
+    application.config["STUDY_UIDS"] = uids
+    yield application
+
+
+def hub_site(directory: Path) -> Path:
+    """A site file with one DICOMweb destination on an unused loopback port: requests queue and,
+    if a sender tries, fail with a connection error and keep retrying.  Never a real address."""
+    from tests.helpers import free_port
+
+    site = directory / "site.toml"
+    site.write_text('[[destinations]]\nname = "hub"\nkind = "dicomweb"\n'
+                    f'url = "http://127.0.0.1:{free_port()}/dicom-web"\nretry_max_s = 300\n'
+                    f'username = "clinic"\npassword = "{HUB_SECRET}"\n')
+    return site
+
+
+@pytest.fixture
+def hub_app(tmp_path: Path, analysed_data: tuple[Path, dict[str, str]], urgent_engines: Path) -> Iterator[Any]:
+    """Like ``study_app``, with the destination ``hub`` configured (see :func:`hub_site`)."""
+    from web import create_app
+
+    source, uids = analysed_data
+    data_dir = tmp_path / "data"
+    shutil.copytree(source, data_dir)
+    config = load_config(hub_site(tmp_path), {"storage.data_dir": str(data_dir), "storage.min_free_mb": 0,
+                                              "analyze.engines_dir": str(urgent_engines)}, environ={})
+    application = create_app(config, {"TESTING": True})
     add_users(application)
     application.config["STUDY_UIDS"] = uids
     yield application

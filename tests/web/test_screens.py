@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image
 
 from appliance import accounts
-from tests.web.conftest import CHEST, CLIP, CT, login
+from tests.web.conftest import CHEST, CLIP, CT, HUB_SECRET, login
 
 
 def test_worklist_triage_order_and_summaries(study_app: Any) -> None:
@@ -25,7 +25,7 @@ def test_worklist_triage_order_and_summaries(study_app: Any) -> None:
     assert top["modalities"] == "CR" and top["age"].endswith(" y") and top["patient_id"]
     ct = next(r for r in rows if r["study_uid"] == uids[CT])
     assert ct["ai"]["text"] == "abstained: no AI model for this type of image"
-    assert [c["stage"] for c in top["chips"]] == ["received", "analyzed", "reviewed", "sent", "reported"]
+    assert [c["stage"] for c in top["chips"]] == ["received", "analyzed", "reviewed", "sent", "report_received"]
     html = client.get("/").text
     assert html.index(uids[CHEST]) < html.index(uids[CT])
     assert "prio-urgent" in html and ">Urgent<" in html  # colour class and words
@@ -90,7 +90,8 @@ def test_images_and_heatmap_render_as_png(study_app: Any) -> None:
     assert 'id="frame"' in client.get(f"/study/{clip_uid}").text
 
 
-def test_review_and_forward_are_recorded_and_audited(study_app: Any) -> None:
+def test_review_and_forward_are_recorded_and_audited(hub_app: Any) -> None:
+    study_app = hub_app
     client = study_app.test_client()
     token = login(client, "staff", method="pin")
     uid = study_app.config["STUDY_UIDS"][CHEST]
@@ -104,12 +105,15 @@ def test_review_and_forward_are_recorded_and_audited(study_app: Any) -> None:
     review = db.query("SELECT * FROM reviews WHERE study_uid = ?", (uid,))
     assert len(review) == 1 and json.loads(review[0]["verdicts_json"]) == {f"{result_id}:bright": "agree"}
     assert db.query("SELECT state FROM studies WHERE study_uid = ?", (uid,))[0]["state"] == "reviewed"
-    response = client.post(f"/study/{uid}/forward", data={"csrf_token": token, "destination": "Hub radiology",
+    assert client.get("/api/worklist?state=sent").json["total"] == 0
+    response = client.post(f"/study/{uid}/forward", data={"csrf_token": token, "destination": "hub",
                                                           "priority": "urgent"})
     assert response.status_code == 302
-    request = db.query("SELECT * FROM forward_requests WHERE study_uid = ?", (uid,))[0]
-    assert (request["destination"], request["priority"], request["state"], request["requested_by"]) == \
-        ("Hub radiology", "urgent", "requested", "staff")
+    # The button queues a real outbox item at once; nothing goes through forward_requests any more.
+    (item,) = db.query("SELECT * FROM outbox_items WHERE study_uid = ?", (uid,))
+    assert (item["destination"], item["priority"], item["state"], item["requested_by"], item["origin"]) == \
+        ("hub", "urgent", "queued", "staff", "ui")
+    assert db.query("SELECT COUNT(*) AS n FROM forward_requests")[0]["n"] == 0
     entries = db.query("SELECT actor, action, study_uid, at FROM audit_log WHERE study_uid = ? ORDER BY id", (uid,))
     assert [e["action"] for e in entries] == ["review", "forward_request"]
     assert all(e["actor"] == "staff" and e["at"] for e in entries)
@@ -156,32 +160,33 @@ def test_status_and_admin_screens(study_app: Any) -> None:
     assert "1 entries" in audit_page or "· 1 " in audit_page
 
 
-def test_configured_destinations_are_offered(tmp_path: Any, study_app: Any) -> None:
-    from appliance.config import load_config
-    from appliance.errors import ConfigError
-    from web import create_app
-
-    site = tmp_path / "site.toml"
-    site.write_text('[[destinations]]\nname = "hub"\nkind = "dicom"\nhost = "10.0.0.5"\nport = 104\n'
-                    'called_ae = "HUB"\npassword = "s3cret-value"\n')
-    data_dir = study_app.config["APPLIANCE"].data_dir
-    try:
-        config = load_config(site, {"storage.data_dir": str(data_dir),
-                                    "analyze.engines_dir": study_app.config["APPLIANCE"]["analyze"]["engines_dir"]},
-                             environ={})
-    except ConfigError as exc:
-        import pytest
-
-        pytest.skip(f"this configuration has no [[destinations]] yet: {exc}")
-    app = create_app(config, {"TESTING": True})
-    client = app.test_client()
+def test_configured_destinations_are_offered(hub_app: Any) -> None:
+    client = hub_app.test_client()
     token = login(client, "admin")
-    uid = study_app.config["STUDY_UIDS"][CHEST]
+    uid = hub_app.config["STUDY_UIDS"][CHEST]
     assert "<option>hub</option>" in client.get(f"/study/{uid}").text
-    assert client.post(f"/study/{uid}/forward", data={"csrf_token": token, "destination": "elsewhere",
-                                                      "priority": "routine"}).status_code == 400
+    unknown = client.post(f"/study/{uid}/forward", data={"csrf_token": token, "destination": "elsewhere",
+                                                         "priority": "routine"}, follow_redirects=True)
+    assert unknown.status_code == 200 and "“elsewhere” is not a configured destination" in unknown.text
+    db = hub_app.extensions["appliance_db"]
+    assert db.query("SELECT COUNT(*) AS n FROM outbox_items")[0]["n"] == 0
     assert client.post(f"/study/{uid}/forward", data={"csrf_token": token, "destination": "hub",
                                                       "priority": "routine"}).status_code == 302
+    assert db.query("SELECT destination FROM outbox_items")[0]["destination"] == "hub"
     page = client.get("/admin/connections").text
-    assert "HUB@10.0.0.5:104" in page and "s3cret-value" not in page
-    assert "s3cret-value" not in client.get("/status").text
+    assert "127.0.0.1" in page and HUB_SECRET not in page
+    for path in ("/status", f"/study/{uid}"):
+        assert HUB_SECRET not in client.get(path).text, path
+
+
+def test_no_destination_no_forward_form(study_app: Any) -> None:
+    """Without [[destinations]] there is nothing to send to: the page says so instead of a form."""
+    client = study_app.test_client()
+    token = login(client, "staff")
+    uid = study_app.config["STUDY_UIDS"][CHEST]
+    page = client.get(f"/study/{uid}").text
+    assert "No destination is configured on this device" in page and 'id="request-forward"' not in page
+    response = client.post(f"/study/{uid}/forward", data={"csrf_token": token, "destination": "hub",
+                                                          "priority": "routine"}, follow_redirects=True)
+    assert "“hub” is not a configured destination" in response.text
+    assert study_app.extensions["appliance_db"].query("SELECT COUNT(*) AS n FROM outbox_items")[0]["n"] == 0

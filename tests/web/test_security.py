@@ -80,7 +80,8 @@ def test_post_without_valid_csrf_is_refused(app: Any) -> None:
     token = login(client, "admin")
     posts = [("/logout", {}), ("/account", {"action": "language", "language": "fr"}),
              ("/admin/users", {"username": "x1", "password": "0123456789", "role": "staff"}),
-             ("/study/1.2.3/review", {}), ("/study/1.2.3/forward", {"destination": "hub"})]
+             ("/study/1.2.3/review", {}), ("/study/1.2.3/forward", {"destination": "hub"}),
+             ("/study/1.2.3/outbox/1/cancel", {}), ("/study/1.2.3/outbox/1/retry", {})]
     for path, data in posts:
         assert client.post(path, data=data).status_code == 400, path
         assert client.post(path, data={**data, "csrf_token": "forged"}).status_code == 400, path
@@ -154,7 +155,7 @@ def test_roles_enforced(study_app: Any) -> None:
     assert staff.post(f"/study/{uid}/review", data={"csrf_token": staff_token}).status_code == 302
     db = study_app.extensions["appliance_db"]
     assert db.query("SELECT state FROM studies WHERE study_uid = ?", (uid,))[0]["state"] == "reviewed"
-    assert db.query("SELECT COUNT(*) AS n FROM forward_requests")[0]["n"] == 0
+    assert db.query("SELECT COUNT(*) AS n FROM outbox_items")[0]["n"] == 0
     assert accounts.find_user(db, "evil") is None
 
 

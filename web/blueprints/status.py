@@ -11,9 +11,8 @@ from flask import Blueprint, current_app, render_template
 from appliance.analyze.backends import resolve_backend
 from appliance.errors import ApplianceError
 
-from .. import engines_info
+from .. import engines_info, forwarding
 from ..security import database
-from .study import destinations
 
 bp = Blueprint("status", __name__)
 
@@ -65,9 +64,8 @@ def health(data_dir: Path, floor_mb: int) -> dict[str, Any]:
 def queues() -> dict[str, Any]:
     db = database()
     jobs = {r["state"]: r["n"] for r in db.query("SELECT state, COUNT(*) AS n FROM analysis_jobs GROUP BY state")}
-    requested = db.query("SELECT COUNT(*) AS n FROM forward_requests WHERE state = 'requested'")[0]["n"]
     return {"pending": jobs.get("pending", 0), "running": jobs.get("running", 0), "failed": jobs.get("failed", 0),
-            "done": jobs.get("done", 0), "forward_requested": requested}
+            "done": jobs.get("done", 0), "outbox": forwarding.outbox_depth(db)}
 
 
 def inference() -> dict[str, Any]:
@@ -88,4 +86,5 @@ def inference() -> dict[str, Any]:
 def index() -> Any:
     config = current_app.config["APPLIANCE"]
     return render_template("status.html", health=health(Path(config.data_dir), int(config["storage"]["min_free_mb"])),
-                           queues=queues(), inference=inference(), destinations=destinations())
+                           queues=queues(), inference=inference(),
+                           destinations=forwarding.destinations_overview(database(), config))

@@ -1,18 +1,21 @@
-"""The study view: images with the AI heatmap, findings, review and forward requests."""
+"""The study view: images with the AI heatmap, findings, review, forwarding (request, cancel,
+retry, its state per destination) and the specialists' reports."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from flask import Blueprint, Response, abort, current_app, flash, g, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
 from appliance import audit, triage
 from appliance.analyze.runner import AI_NOTICE
-from appliance.errors import DecodeError
+from appliance.errors import ConfigError, DecodeError
+from appliance.forward import cancel_item, request_forward, retry_item
+from appliance.forward.errors import ForwardRequestError
 
-from .. import engines_info, imaging, queries
+from .. import engines_info, forwarding, imaging, queries
 from ..security import database, roles_required
 
 bp = Blueprint("study", __name__, url_prefix="/study")
@@ -92,11 +95,12 @@ def view(study_uid: str) -> Any:
     reviews = db.query("SELECT * FROM reviews WHERE study_uid = ? ORDER BY id DESC", (study_uid,))
     for review in reviews:
         review["verdicts"] = json.loads(review["verdicts_json"])
-    forwards = db.query("SELECT * FROM forward_requests WHERE study_uid = ? ORDER BY id DESC", (study_uid,))
+    forwards = forwarding.study_items(db, study_uid)
     audit.record(db, g.user.username, "view_study", study_uid)
     summary = queries.ai_summary(results, 0, 0)
     return render_template(
         "study.html", study=study, images=images, results=results, reviews=reviews, forwards=forwards,
+        reports=forwarding.study_report_list(db, study_uid),
         summary=summary, ai_notice=AI_NOTICE, verdicts=VERDICTS, destinations=destinations(),
         chips=queries.chips(study["state"], forwards), patient_name=queries.patient_name(study["name"]),
         age=queries.age(study["birth_date"], study["study_date"]), presets=list(imaging.PRESETS),
@@ -162,24 +166,81 @@ def review(study_uid: str) -> Any:
     return redirect(url_for("study.view", study_uid=study_uid))
 
 
+def _active_item(study_uid: str, destination: str) -> Optional[int]:
+    rows = database().query("SELECT id FROM outbox_items WHERE study_uid = ? AND destination = ? AND state IN "
+                            "('queued', 'sending', 'delivered')", (study_uid, destination))
+    return int(rows[0]["id"]) if rows else None
+
+
 @bp.post("/<study_uid>/forward")
 @roles_required("admin", "staff")
 def forward(study_uid: str) -> Any:
-    _study_or_404(study_uid)
-    configured = destinations()
+    back = redirect(url_for("study.view", study_uid=study_uid))
     destination = request.form.get("destination", "").strip()[:64]
     priority = request.form.get("priority", "routine")
     if priority not in FORWARD_PRIORITIES or not destination:
         flash(_("Choose a destination and a priority."), "error")
-        return redirect(url_for("study.view", study_uid=study_uid))
-    if configured and destination not in configured:
-        abort(400)
-    now = audit.utc_now()
-    with database().atomic() as tx:
-        tx.execute("INSERT INTO forward_requests (study_uid, destination, priority, requested_by, requested_at, "
-                   "updated_at) VALUES (?, ?, ?, ?, ?, ?)", (study_uid, destination, priority, g.user.username, now, now))
-        audit.record_tx(tx, g.user.username, "forward_request", study_uid,
-                        {"destination": destination, "priority": priority})
-    flash(_("Forwarding to %(dest)s requested. It will be sent when forwarding is set up and a link is available.",
-            dest=destination), "ok")
+        return back
+    db = database()
+    already = _active_item(study_uid, destination)
+    try:
+        item_id = request_forward(db, current_app.config["APPLIANCE"], study_uid, destination, priority,
+                                  requested_by=g.user.username, origin="ui")
+    except ConfigError:
+        flash(_("“%(dest)s” is not a configured destination; nothing was queued.", dest=destination), "error")
+        return back
+    except ForwardRequestError:
+        # The study is gone (or never existed): its page would only say "not found".
+        flash(_("That study is not on this device; nothing was queued."), "error")
+        return redirect(url_for("worklist.index"))
+    if already == item_id:
+        # request_forward audits only the request that creates an item; a repeat (or an urgent
+        # upgrade) is still the user's action and goes to the audit log too.
+        audit.record(db, g.user.username, "forward_request", study_uid,
+                     {"destination": destination, "priority": priority, "outbox_item": item_id,
+                      "already_queued": True, "origin": "ui"})
+        flash(_("Already queued for %(dest)s; it stays in the outbox.", dest=destination), "ok")
+    else:
+        flash(_("Queued for %(dest)s. It is sent as soon as the destination can be reached.", dest=destination), "ok")
+    return back
+
+
+def _item_of_study(study_uid: str, item_id: int) -> None:
+    """404 unless the outbox item belongs to this study (a forged id cannot touch another case)."""
+    if not database().query("SELECT 1 FROM outbox_items WHERE id = ? AND study_uid = ?", (item_id, study_uid)):
+        abort(404)
+
+
+@bp.post("/<study_uid>/outbox/<int:item_id>/cancel")
+@roles_required("admin", "staff")
+def cancel(study_uid: str, item_id: int) -> Any:
+    _item_of_study(study_uid, item_id)
+    state = database().query("SELECT state FROM outbox_items WHERE id = ?", (item_id,))[0]["state"]
+    if state not in forwarding.CANCELLABLE:
+        flash(_("This forwarding can no longer be cancelled (%(state)s).", state=forwarding.state_words(state)),
+              "error")
+    else:
+        try:
+            cancel_item(database(), item_id, g.user.username)  # writes the audit entry
+            flash(_("Forwarding cancelled."), "ok")
+        except ForwardRequestError:
+            flash(_("This forwarding can no longer be cancelled."), "error")
+    return redirect(url_for("study.view", study_uid=study_uid))
+
+
+@bp.post("/<study_uid>/outbox/<int:item_id>/retry")
+@roles_required("admin", "staff")
+def retry(study_uid: str, item_id: int) -> Any:
+    _item_of_study(study_uid, item_id)
+    state = database().query("SELECT state FROM outbox_items WHERE id = ?", (item_id,))[0]["state"]
+    if state not in forwarding.RETRYABLE:
+        flash(_("Only a failed or cancelled forwarding can be retried (%(state)s).",
+                state=forwarding.state_words(state)), "error")
+    else:
+        try:
+            retry_item(database(), item_id, g.user.username)  # writes the audit entry
+            flash(_("Forwarding queued again."), "ok")
+        except ForwardRequestError:
+            # Another item already sends this study to the same destination.
+            flash(_("This study is already being sent to that destination."), "error")
     return redirect(url_for("study.view", study_uid=study_uid))

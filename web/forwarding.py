@@ -1,0 +1,85 @@
+"""Forwarding as the screens show it: outbox states in plain words, sizes, and which operator
+actions apply to an item.
+
+The outbox itself (states, retries, audit) is :mod:`appliance.forward`; this module only turns
+its read-outs into what a clinic user reads, so the study view and the status screen agree.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from flask_babel import format_decimal
+from flask_babel import gettext as _
+
+from appliance.forward import destination_status, study_forwarding, study_reports
+
+from .queries import local_time
+
+# The buttons offered per item state.  The backend would also cancel a ``delivered`` item or
+# retry a waiting one at once, but on the touchscreen those are more confusing than useful:
+# a delivered item only waits for the hub to list it.
+CANCELLABLE = ("queued", "sending", "failed")
+RETRYABLE = ("failed", "cancelled")
+# Items still trying: their last transient error and next retry are worth showing.
+TRYING = ("queued", "sending", "delivered")
+
+
+def state_words(state: str) -> str:
+    return {"queued": _("Queued"), "sending": _("Sending"), "delivered": _("Delivered, awaiting confirmation"),
+            "confirmed": _("Sent and confirmed"), "failed": _("Failed"), "cancelled": _("Cancelled")}.get(state, state)
+
+
+def human_bytes(count: int) -> str:
+    """A byte count for people: 0 B, 812 kB, 7.2 MB, 1.4 GB (decimal units, as disks are sold),
+    with the user's decimal separator (French writes 7,2 Mo)."""
+    def figure(value: float) -> str:
+        return str(format_decimal(value, format="0" if value >= 100 else "0.#"))
+
+    if count >= 10**9:
+        return _("%(n)s GB", n=figure(count / 1e9))
+    if count >= 10**6:
+        return _("%(n)s MB", n=figure(count / 1e6))
+    if count >= 10**3:
+        return _("%(n)s kB", n=figure(count / 1e3))
+    return _("%(n)s B", n=count)
+
+
+def _when(iso: str) -> str:
+    return local_time(iso) if iso else ""
+
+
+def study_items(database: Any, study_uid: str) -> list[dict[str, Any]]:
+    """Per destination, the study's latest outbox item with its words and the actions allowed."""
+    out = []
+    for item in study_forwarding(database, study_uid):
+        trying = item["state"] in TRYING
+        out.append({
+            **item, "state_words": state_words(item["state"]), "trying": trying,
+            "next_attempt": _when(item["next_attempt_at"]) if trying else "",
+            "last_error": item["last_error"] if trying else "",
+            "can_cancel": item["state"] in CANCELLABLE, "can_retry": item["state"] in RETRYABLE,
+            "requested_at": _when(item["created_at"]),
+        })
+    return out
+
+
+def study_report_list(database: Any, study_uid: str) -> list[dict[str, Any]]:
+    """Reports that came back, with their kind in words and the local time received."""
+    kinds = {"sr": _("Structured report"), "pdf": _("PDF report")}
+    return [{**r, "kind_words": kinds.get(r["kind"], r["kind"]), "received": _when(r["received_at"])}
+            for r in study_reports(database, study_uid)]
+
+
+def outbox_depth(database: Any) -> dict[str, int]:
+    """Items per state the status screen shows (delivered ones wait for the hub's listing)."""
+    counts = {r["state"]: r["n"] for r in database.query(
+        "SELECT state, COUNT(*) AS n FROM outbox_items WHERE state IN ('queued', 'sending', 'delivered', 'failed') "
+        "GROUP BY state")}
+    return {state: int(counts.get(state, 0)) for state in ("queued", "sending", "delivered", "failed")}
+
+
+def destinations_overview(database: Any, config: Any) -> list[dict[str, Any]]:
+    """destination_status() with sizes and times as people read them."""
+    return [{**d, "bytes_pending_words": human_bytes(d["bytes_pending"]),
+             "last_success": _when(d["last_success_at"]), "next_retry": _when(d["next_retry_at"])}
+            for d in destination_status(database, config)]
