@@ -3,7 +3,8 @@
 
 First start -> create the administrator -> sign out and in -> the urgent chest radiograph is on
 top and raises the alert -> open it, toggle the heatmap, zoom and pan -> mark it reviewed ->
-request forwarding -> scrub the ultrasound clip -> sign out.  Screenshots at 1024x600 (and
+request forwarding to the configured hub (an unused loopback port, so the item stays queued and
+retrying) and see its state on the study -> scrub the ultrasound clip -> sign out.  Screenshots at 1024x600 (and
 800x480) go to ``test-output/web/``; every request the page made must go to the box itself.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 from appliance.config import PROJECT_ROOT
 from tests.helpers import dcmsend, sample
-from tests.web.conftest import CHEST, CLIP, CT
+from tests.web.conftest import CHEST, CLIP, CT, hub_site
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -66,8 +67,9 @@ def wait_analysed(data_dir: Path, expected: int, timeout: float = 90) -> None:
 
 
 @pytest.fixture
-def served(server_factory: Any, urgent_engines: Path) -> Any:
-    server = server_factory(extra_env={"APPLIANCE_ANALYZE_ENGINES_DIR": str(urgent_engines)}).start()
+def served(server_factory: Any, urgent_engines: Path, tmp_path: Path) -> Any:
+    server = server_factory(extra_env={"APPLIANCE_ANALYZE_ENGINES_DIR": str(urgent_engines)},
+                            config_file=hub_site(tmp_path)).start()
     result = dcmsend(server.dicom_port, [sample(CHEST), sample(CLIP), sample(CT)])
     assert result.returncode == 0, result.stderr
     wait_analysed(server.data_dir, 3)
@@ -156,11 +158,29 @@ def test_clinic_workflow_in_chromium(served: Any) -> None:
         page.wait_for_selector(".flash-ok")
         assert page.locator(".chips .chip.current").first.inner_text().strip().endswith("Reviewed")
 
-        # Forward: no destinations configured yet, so a named destination is recorded.
-        page.fill("#destination", "Hub radiology")
+        # Forward to the configured hub: the outbox item shows on the study with its state, and
+        # (the hub's port is closed) soon the sender's last error and next attempt.
+        assert page.inner_text("#forwarding").strip().endswith("Not forwarded.")
+        page.select_option("#destination", "hub")
         page.click("#request-forward")
         page.wait_for_selector(".flash-ok")
-        assert "Hub radiology" in page.inner_text("#forward")
+        assert "Queued for hub" in page.inner_text(".flash-ok")
+        state = page.inner_text("#forwarding .outbox-item .outbox-state")
+        assert state in ("Queued", "Sending"), state
+        assert page.is_visible("#forwarding .outbox-cancel")
+        deadline = time.monotonic() + 30
+        while not page.locator("#forwarding .outbox-error").count():
+            assert time.monotonic() < deadline, page.inner_text("#forwarding")
+            time.sleep(1)
+            page.reload()
+        assert "Last error:" in page.inner_text("#forwarding") and "Next attempt:" in page.inner_text("#forwarding")
+        assert small_targets(page) == []
+        page.click("#forwarding .outbox-cancel")
+        page.wait_for_selector(".flash-ok")
+        assert page.inner_text("#forwarding .outbox-state") == "Cancelled"
+        assert page.is_visible("#forwarding .outbox-retry-btn")
+        page.goto(base + "/status")
+        assert "never" in page.inner_text("#destinations") and "hub" in page.inner_text("#destinations")
 
         # The ultrasound clip: scrub frames with the slider.
         page.goto(base + "/")

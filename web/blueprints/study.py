@@ -205,17 +205,19 @@ def forward(study_uid: str) -> Any:
     return back
 
 
-def _item_of_study(study_uid: str, item_id: int) -> None:
-    """404 unless the outbox item belongs to this study (a forged id cannot touch another case)."""
-    if not database().query("SELECT 1 FROM outbox_items WHERE id = ? AND study_uid = ?", (item_id, study_uid)):
+def _item_state(study_uid: str, item_id: int) -> str:
+    """The outbox item's state; 404 unless it belongs to this study (a forged id cannot touch
+    another case)."""
+    rows = database().query("SELECT state FROM outbox_items WHERE id = ? AND study_uid = ?", (item_id, study_uid))
+    if not rows:
         abort(404)
+    return str(rows[0]["state"])
 
 
 @bp.post("/<study_uid>/outbox/<int:item_id>/cancel")
 @roles_required("admin", "staff")
 def cancel(study_uid: str, item_id: int) -> Any:
-    _item_of_study(study_uid, item_id)
-    state = database().query("SELECT state FROM outbox_items WHERE id = ?", (item_id,))[0]["state"]
+    state = _item_state(study_uid, item_id)
     if state not in forwarding.CANCELLABLE:
         flash(_("This forwarding can no longer be cancelled (%(state)s).", state=forwarding.state_words(state)),
               "error")
@@ -231,8 +233,7 @@ def cancel(study_uid: str, item_id: int) -> Any:
 @bp.post("/<study_uid>/outbox/<int:item_id>/retry")
 @roles_required("admin", "staff")
 def retry(study_uid: str, item_id: int) -> Any:
-    _item_of_study(study_uid, item_id)
-    state = database().query("SELECT state FROM outbox_items WHERE id = ?", (item_id,))[0]["state"]
+    state = _item_state(study_uid, item_id)
     if state not in forwarding.RETRYABLE:
         flash(_("Only a failed or cancelled forwarding can be retried (%(state)s).",
                 state=forwarding.state_words(state)), "error")
