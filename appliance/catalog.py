@@ -79,7 +79,11 @@ def list_studies(database: Database) -> list[dict[str, Any]]:
 def _analysis(results: list[dict[str, Any]], job_error: str | None) -> dict[str, Any]:
     """Per-image analysis keys of the JSON schema: findings, abstentions, errors, objects."""
     findings, abstentions, errors, srs, heatmaps = [], [], [], [], []
+    objects_pending = False
     for r in results:
+        objects_pending = objects_pending or r["objects_state"] in ("pending", "building")
+        if r["objects_state"] == "failed":
+            errors.append({"model": r["model_id"], "model_version": r["model_version"], "error": r["objects_error"]})
         for f in json.loads(r["findings_json"]):
             findings.append({
                 "model": r["model_id"], "model_version": r["model_version"], "finding": f["code"],
@@ -98,4 +102,5 @@ def _analysis(results: list[dict[str, Any]], job_error: str | None) -> dict[str,
                              "path": r["heatmap_path"]})
     if job_error:
         errors.append({"model": "", "model_version": "", "error": job_error})
-    return {"findings": findings, "abstentions": abstentions, "errors": errors, "sr": srs, "heatmaps": heatmaps}
+    return {"findings": findings, "abstentions": abstentions, "errors": errors, "sr": srs, "heatmaps": heatmaps,
+            "objects_pending": objects_pending}

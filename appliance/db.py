@@ -306,6 +306,17 @@ def _m004_outbox(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_reports_study ON forward_reports(study_uid)")
 
 
+def _m005_result_objects(db: sqlite_utils.Database) -> None:
+    # The AI's DICOM objects (SR, heatmap SC) are built after the result is committed, so
+    # triage does not wait for them: 'pending' -> 'building' -> 'done' | 'failed'; 'none' for
+    # results that get no objects (router abstentions, failures).
+    db.execute("ALTER TABLE analysis_results ADD COLUMN objects_state TEXT NOT NULL DEFAULT 'done'")
+    db.execute("ALTER TABLE analysis_results ADD COLUMN objects_attempts INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE analysis_results ADD COLUMN objects_next_at TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE analysis_results ADD COLUMN objects_error TEXT NOT NULL DEFAULT ''")
+    db.execute("CREATE INDEX idx_results_objects ON analysis_results(objects_state, objects_next_at)")
+
+
 # Numbered migrations: index i + 1 is the schema version after running MIGRATIONS[i].
 # Never edit a shipped migration; append a new one.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
@@ -313,6 +324,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m002_analysis,
     _m003_ui,
     _m004_outbox,
+    _m005_result_objects,
 ]
 
 

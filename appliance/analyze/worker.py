@@ -32,9 +32,9 @@ from .. import triage
 from ..config import Config
 from ..db import Database
 from ..errors import InferenceError, ManifestError, StoreError
-from ..results.common import derived_uid
 from ..store import InstanceStore, utc_now
 from .manifest import Manifest, discover_models, load_manifest
+from .objects import ResultObjects
 from .runner import AnalysisResult, get_runner
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,6 @@ def _lower_thread_priority() -> None:
         pass
 
 
-def result_uid(source_uid: str, model_id: str, version: str, kind: str) -> str:
-    """Deterministic UID for an AI object, so a re-run replaces instead of duplicating."""
-    return derived_uid(source_uid, model_id, version, kind)
-
-
 class AnalysisWorker:
     """Worker threads over the ``analysis_jobs`` table."""
 
@@ -133,6 +128,7 @@ class AnalysisWorker:
         self.catalog = ModelCatalog(Path(config["analyze"]["engines_dir"]))
         self.ingest_busy = ingest_busy or (lambda: False)
         self.max_defer_s = float(config["analyze"]["defer_while_receiving_s"])
+        self.objects = ResultObjects(config, database, store)
         self.max_attempts = int(config["analyze"]["max_attempts"])
         self.quiet_s = int(config["analyze"]["study_quiet_s"])
         self._wake = threading.Event()
@@ -148,6 +144,7 @@ class AnalysisWorker:
 
     def start(self) -> None:
         recovered = self.recover()
+        self.objects.recover()
         if recovered:
             log.info("analysis: %d interrupted jobs re-queued", recovered)
         for i in range(int(self.config["analyze"]["workers"])):
@@ -205,10 +202,11 @@ class AnalysisWorker:
         return self.db.query("SELECT * FROM analysis_jobs WHERE id = ?", (row[0],))[0]
 
     def run_once(self, study_uid: Optional[str] = None) -> bool:
-        """Claim and process one job; False when there was nothing to do."""
+        """Claim and process one job, or else build one result's DICOM objects; False when there
+        was nothing to do.  Analysis first: triage is what the clinic is waiting for."""
         job = self.claim(study_uid)
         if job is None:
-            return False
+            return self.objects.build_once()
         try:
             self.process(job)
         except (OSError, sqlite3.OperationalError, StoreError) as exc:
@@ -219,9 +217,12 @@ class AnalysisWorker:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.run_once(study_uid):
+                scope = " AND study_uid = ?" if study_uid else ""
+                params = (study_uid,) if study_uid else ()
                 pending = self.db.query(
-                    "SELECT COUNT(*) AS n FROM analysis_jobs WHERE state IN ('pending', 'running')"
-                    + (" AND study_uid = ?" if study_uid else ""), (study_uid,) if study_uid else ())[0]["n"]
+                    f"SELECT (SELECT COUNT(*) FROM analysis_jobs WHERE state IN ('pending', 'running'){scope}) + "
+                    f"(SELECT COUNT(*) FROM analysis_results WHERE objects_state IN ('pending', 'building'){scope}) "
+                    "AS n", params * 2)[0]["n"]
                 if not pending:
                     return
                 time.sleep(0.2)
@@ -266,58 +267,43 @@ class AnalysisWorker:
         for r in routes:
             if (r.model_id, r.version) in done:
                 continue
-            rows.append(self._analyze(job, header, path, r))
+            rows.append(self._analyze(job, path, r))
         self._commit(job, rows)
 
-    def _analyze(self, job: dict[str, Any], header: pydicom.Dataset, path: Path, r: Route) -> dict[str, Any]:
+    def _analyze(self, job: dict[str, Any], path: Path, r: Route) -> dict[str, Any]:
         if r.manifest is None:
             return self._row(job, r.model_id, r.version, "failed", error=r.error)
         try:
             runner = get_runner(r.model_id, self.config)
-            result = runner.analyze(path)
+            # The heatmap overlay is for the result objects, built later (see objects.py).
+            result = runner.analyze(path, make_heatmap=False)
         except (ManifestError, InferenceError) as exc:
             return self._row(job, r.model_id, r.version, "failed", error=f"model cannot run: {exc}")
         if result.abstention is not None and result.abstention.code == "UNREADABLE_PIXELS" \
                 and result.abstention.reason.startswith("cannot decode"):
             # Corrupt pixel data is a failure of this case, not a judgement about the image.
             return self._row(job, r.model_id, r.version, "failed", error=result.abstention.reason)
-        return self._store_result(job, header, result)
+        return self._result_row(job, result)
 
-    def _store_result(self, job: dict[str, Any], header: pydicom.Dataset, result: AnalysisResult) -> dict[str, Any]:
-        from ..results import build_ai_sr, build_heatmap_sc, write_part10
-
-        sop = job["sop_instance_uid"]
-        study = job["study_uid"]
-        sr_uid = result_uid(sop, result.model, result.model_version, "sr")
-        sr = build_ai_sr(header, result, sop_instance_uid=sr_uid,
-                         series_instance_uid=result_uid(study, result.model, result.model_version, "sr-series"))
-        sr_out = self.store.store(write_part10(sr), source="ai")
-        hm_uid, hm_path = "", ""
-        if result.heatmap is not None:
-            hm_uid = result_uid(sop, result.model, result.model_version, "heatmap")
-            sc = build_heatmap_sc(header, result, sop_instance_uid=hm_uid,
-                                  series_instance_uid=result_uid(study, result.model, result.model_version, "hm-series"))
-            hm_path = str(self.store.store(write_part10(sc), source="ai").path)
-        status = "analyzed" if result.analyzed else "abstained"
-        return self._row(
-            job, result.model, result.model_version, status,
+    def _result_row(self, job: dict[str, Any], result: AnalysisResult) -> dict[str, Any]:
+        row = self._row(
+            job, result.model, result.model_version, "analyzed" if result.analyzed else "abstained",
             findings=[vars(f) for f in result.findings],
             code=result.abstention.code if result.abstention else "",
             reason=result.abstention.reason if result.abstention else "",
             backend=result.backend, precision=result.precision,
-            sr_uid=sr_uid, sr_path=str(sr_out.path), hm_uid=hm_uid, hm_path=hm_path,
         )
+        row["objects_state"] = "pending"
+        return row
 
     @staticmethod
     def _row(job: dict[str, Any], model_id: str, version: str, status: str, *, findings: Any = (), code: str = "",
-             reason: str = "", error: str = "", backend: str = "", precision: str = "", sr_uid: str = "",
-             sr_path: str = "", hm_uid: str = "", hm_path: str = "") -> dict[str, Any]:
+             reason: str = "", error: str = "", backend: str = "", precision: str = "") -> dict[str, Any]:
         return {
             "sop_instance_uid": job["sop_instance_uid"], "study_uid": job["study_uid"], "model_id": model_id,
             "model_version": version, "status": status, "findings_json": json.dumps(list(findings)),
             "abstention_code": code, "abstention_reason": reason, "error": error, "backend": backend,
-            "precision": precision, "sr_sop_instance_uid": sr_uid, "sr_path": sr_path,
-            "heatmap_sop_instance_uid": hm_uid, "heatmap_path": hm_path, "created_at": utc_now(),
+            "precision": precision, "objects_state": "none", "created_at": utc_now(),
         }
 
     def _commit(self, job: dict[str, Any], rows: list[dict[str, Any]]) -> None:

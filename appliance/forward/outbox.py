@@ -82,6 +82,17 @@ def refresh_instances(database: Database, item: dict[str, Any], attach_ai_result
 
 
 # -- the sender's transitions -----------------------------------------------------------------
+# For a destination that takes the AI results, a study is sent once its analysis and its AI
+# result objects are done, so the hub gets them together (an urgent study waits seconds for its
+# SR and heatmap, instead of arriving without them).
+STUDY_READY = (
+    "(NOT EXISTS (SELECT 1 FROM analysis_jobs j WHERE j.study_uid = o.study_uid "
+    "AND j.state IN ('pending', 'running')) "
+    "AND NOT EXISTS (SELECT 1 FROM analysis_results r WHERE r.study_uid = o.study_uid "
+    "AND r.objects_state IN ('pending', 'building')))"
+)
+
+
 def claim_next(database: Database, config: Config, now: Optional[datetime] = None) -> Optional[dict[str, Any]]:
     """The most pressing item that may be sent now, marked ``sending``; None if there is none."""
     stamp = utc_now()
@@ -89,12 +100,15 @@ def claim_next(database: Database, config: Config, now: Optional[datetime] = Non
     if not open_dests:
         return None
     marks = ", ".join("?" * len(open_dests))
+    without_ai = [d["name"] for d in config["destinations"] if not d["attach_ai_results"]]
+    ready = f"AND (o.destination IN ({', '.join('?' * len(without_ai))}) OR {STUDY_READY})" if without_ai \
+        else f"AND {STUDY_READY}"
     with database.atomic() as tx:
         row = tx.execute(
             f"SELECT o.id FROM outbox_items o LEFT JOIN destination_state d ON d.name = o.destination "
             f"WHERE o.state IN {ACTIVE} AND o.destination IN ({marks}) AND o.next_attempt_at <= ? "
-            f"AND COALESCE(d.next_attempt_at, '') <= ? ORDER BY o.priority_rank, o.id LIMIT 1",
-            (*open_dests, stamp, stamp)).fetchone()
+            f"AND COALESCE(d.next_attempt_at, '') <= ? {ready} ORDER BY o.priority_rank, o.id LIMIT 1",
+            (*open_dests, stamp, stamp, *without_ai)).fetchone()
         if row is None:
             return None
         tx.execute("UPDATE outbox_items SET state = CASE WHEN state = 'queued' THEN 'sending' ELSE state END, "

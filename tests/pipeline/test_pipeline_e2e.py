@@ -32,7 +32,8 @@ def wait_until_analyzed(data_dir: Path, expected: int, timeout: float = DEADLINE
     deadline = time.monotonic() + timeout
     while True:
         report = studies(data_dir)
-        done = [i for i in clinic_instances(report).values() if i["state"] in ("analyzed", "abstained", "failed")]
+        done = [i for i in clinic_instances(report).values()
+                if i["state"] in ("analyzed", "abstained", "failed") and not i["objects_pending"]]
         if len(done) >= expected:
             return report
         if time.monotonic() > deadline:

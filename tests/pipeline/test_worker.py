@@ -24,36 +24,43 @@ def box(tmp_path):
     return config, database, store, AnalysisWorker(config, database, store)
 
 
-def test_transient_failure_backs_off_then_succeeds(box):
+def test_result_comes_first_objects_follow_with_backoff(box):
     config, database, store, worker = box
     store.store(sample("RG1_UNCR.dcm").read_bytes())
-    store.min_free_mb = 10**9  # the AI results cannot be written: a transient condition
-    assert worker.run_once()
-    job = database.query("SELECT * FROM analysis_jobs")[0]
-    assert job["state"] == "pending" and job["attempts"] == 1 and job["next_attempt_at"] > job["updated_at"]
-    assert "OutOfSpaceError" in job["last_error"]
+    store.min_free_mb = 10**9  # the AI objects cannot be written: a transient condition
+    assert worker.run_once()  # the analysis itself needs no disk space: its result is committed
+    result = database.query("SELECT * FROM analysis_results")[0]
+    assert result["status"] == "analyzed" and result["objects_state"] == "pending" and result["sr_path"] == ""
+    assert database.query("SELECT priority FROM studies")[0]["priority"] in ("urgent", "routine")
+
+    assert worker.run_once()  # building the objects fails and backs off
+    result = database.query("SELECT * FROM analysis_results")[0]
+    assert result["objects_state"] == "pending" and result["objects_attempts"] == 1
+    assert "OutOfSpaceError" in result["objects_error"] and result["objects_next_at"] > result["created_at"]
     assert not worker.run_once()  # not before its backoff expires
-    assert database.query("SELECT COUNT(*) AS n FROM analysis_results")[0]["n"] == 0
 
     store.min_free_mb = 0
     with database.atomic() as tx:
-        tx.execute("UPDATE analysis_jobs SET next_attempt_at = ''")
+        tx.execute("UPDATE analysis_results SET objects_next_at = ''")
     assert worker.run_once()
-    results = database.query("SELECT model_id, status FROM analysis_results")
-    assert results == [{"model_id": "cxr-pneumonia", "status": "analyzed"}]
+    result = database.query("SELECT * FROM analysis_results")[0]
+    assert result["objects_state"] == "done" and result["sr_path"] and result["heatmap_path"]
+    assert database.query("SELECT COUNT(*) AS n FROM instances WHERE source = 'ai'")[0]["n"] == 2
 
 
-def test_permanent_transient_failure_marks_case_failed(box):
+def test_objects_that_keep_failing_are_marked_failed(box):
     config, database, store, worker = box
-    worker.max_attempts = 2
+    worker.objects.max_attempts = 2
     store.store(sample("RG1_UNCR.dcm").read_bytes())
     store.min_free_mb = 10**9
     worker.run_once()
-    with database.atomic() as tx:
-        tx.execute("UPDATE analysis_jobs SET next_attempt_at = ''")
     worker.run_once()
-    assert database.query("SELECT state FROM analysis_jobs")[0]["state"] == "failed"
-    assert database.query("SELECT state FROM instances")[0]["state"] == "failed"
+    with database.atomic() as tx:
+        tx.execute("UPDATE analysis_results SET objects_next_at = ''")
+    worker.run_once()
+    result = database.query("SELECT * FROM analysis_results")[0]
+    assert result["objects_state"] == "failed" and "OutOfSpaceError" in result["objects_error"]
+    assert database.query("SELECT state FROM instances")[0]["state"] == "analyzed"  # the finding stands
 
 
 def test_reanalysis_with_newer_model_version_keeps_both(box, tmp_path):
