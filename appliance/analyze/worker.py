@@ -129,6 +129,7 @@ class AnalysisWorker:
         self.ingest_busy = ingest_busy or (lambda: False)
         self.max_defer_s = float(config["analyze"]["defer_while_receiving_s"])
         self.objects = ResultObjects(config, database, store)
+        self._last_settle = 0.0
         self.max_attempts = int(config["analyze"]["max_attempts"])
         self.quiet_s = int(config["analyze"]["study_quiet_s"])
         self._wake = threading.Event()
@@ -147,8 +148,12 @@ class AnalysisWorker:
         self.objects.recover()
         if recovered:
             log.info("analysis: %d interrupted jobs re-queued", recovered)
-        for i in range(int(self.config["analyze"]["workers"])):
-            thread = threading.Thread(target=self._loop, args=(i == 0,), name=f"analysis-{i}", daemon=True)
+        # Analysis threads never build result objects, so a new image is never stuck behind a
+        # heatmap being rendered; one objects thread builds them when no analysis is waiting.
+        loops = [(self._analysis_step, f"analysis-{i}") for i in range(int(self.config["analyze"]["workers"]))]
+        loops.append((self._objects_step, "result-objects"))
+        for step, name in loops:
+            thread = threading.Thread(target=self._loop, args=(step,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -162,7 +167,21 @@ class AnalysisWorker:
     def wake(self, *_args: Any) -> None:
         self._wake.set()
 
-    def _loop(self, sweeper: bool) -> None:
+    def _analysis_step(self) -> bool:
+        worked = self.run_once()
+        if time.monotonic() - self._last_settle >= 1.0:  # a sweep a second is plenty
+            self._last_settle = time.monotonic()
+            self.settle_quiet_studies()
+        return worked
+
+    def _objects_step(self) -> bool:
+        if self.db.query("SELECT 1 FROM analysis_jobs WHERE state = 'pending' AND next_attempt_at <= ? LIMIT 1",
+                         (utc_now(),)):
+            self._stop.wait(0.1)  # analysis first: triage is what the clinic is waiting for
+            return False
+        return self.objects.build_once()
+
+    def _loop(self, step: Callable[[], bool]) -> None:
         _lower_thread_priority()
         deferring_since: Optional[float] = None
         while not self._stop.is_set():
@@ -176,14 +195,12 @@ class AnalysisWorker:
             else:
                 deferring_since = None
             try:
-                worked = self.run_once()
-                if sweeper:
-                    self.settle_quiet_studies()
+                worked = step()
             except Exception:  # noqa: BLE001 - a worker thread must survive anything
                 log.exception("analysis worker error")
                 worked = False
             if not worked:
-                self._wake.wait(1.0)
+                self._wake.wait(0.5)
                 self._wake.clear()
 
     # -- queue ---------------------------------------------------------------------------
@@ -202,11 +219,10 @@ class AnalysisWorker:
         return self.db.query("SELECT * FROM analysis_jobs WHERE id = ?", (row[0],))[0]
 
     def run_once(self, study_uid: Optional[str] = None) -> bool:
-        """Claim and process one job, or else build one result's DICOM objects; False when there
-        was nothing to do.  Analysis first: triage is what the clinic is waiting for."""
+        """Claim and process one analysis job; False when there was nothing to do."""
         job = self.claim(study_uid)
         if job is None:
-            return self.objects.build_once()
+            return False
         try:
             self.process(job)
         except (OSError, sqlite3.OperationalError, StoreError) as exc:
@@ -216,7 +232,7 @@ class AnalysisWorker:
     def run_until_idle(self, study_uid: Optional[str] = None, timeout_s: float = 600) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not self.run_once(study_uid):
+            if not (self.run_once(study_uid) or self.objects.build_once()):
                 scope = " AND study_uid = ?" if study_uid else ""
                 params = (study_uid,) if study_uid else ()
                 pending = self.db.query(

@@ -33,16 +33,17 @@ def test_result_comes_first_objects_follow_with_backoff(box):
     assert result["status"] == "analyzed" and result["objects_state"] == "pending" and result["sr_path"] == ""
     assert database.query("SELECT priority FROM studies")[0]["priority"] in ("urgent", "routine")
 
-    assert worker.run_once()  # building the objects fails and backs off
+    assert not worker.run_once()  # no analysis left
+    assert worker.objects.build_once()  # building the objects fails and backs off
     result = database.query("SELECT * FROM analysis_results")[0]
     assert result["objects_state"] == "pending" and result["objects_attempts"] == 1
     assert "OutOfSpaceError" in result["objects_error"] and result["objects_next_at"] > result["created_at"]
-    assert not worker.run_once()  # not before its backoff expires
+    assert not worker.objects.build_once()  # not before its backoff expires
 
     store.min_free_mb = 0
     with database.atomic() as tx:
         tx.execute("UPDATE analysis_results SET objects_next_at = ''")
-    assert worker.run_once()
+    assert worker.objects.build_once()
     result = database.query("SELECT * FROM analysis_results")[0]
     assert result["objects_state"] == "done" and result["sr_path"] and result["heatmap_path"]
     assert database.query("SELECT COUNT(*) AS n FROM instances WHERE source = 'ai'")[0]["n"] == 2
@@ -54,10 +55,10 @@ def test_objects_that_keep_failing_are_marked_failed(box):
     store.store(sample("RG1_UNCR.dcm").read_bytes())
     store.min_free_mb = 10**9
     worker.run_once()
-    worker.run_once()
+    worker.objects.build_once()
     with database.atomic() as tx:
         tx.execute("UPDATE analysis_results SET objects_next_at = ''")
-    worker.run_once()
+    worker.objects.build_once()
     result = database.query("SELECT * FROM analysis_results")[0]
     assert result["objects_state"] == "failed" and "OutOfSpaceError" in result["objects_error"]
     assert database.query("SELECT state FROM instances")[0]["state"] == "analyzed"  # the finding stands
