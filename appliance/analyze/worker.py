@@ -183,6 +183,11 @@ class AnalysisWorker:
 
     def _loop(self, step: Callable[[], bool]) -> None:
         _lower_thread_priority()
+        # This thread's connection commits without waiting for the disk: every write here is
+        # redone after a power cut (a lost claim leaves the job pending, a lost result re-runs
+        # it with the same deterministic outcome), and the next synchronous commit of the store
+        # flushes these WAL frames too.  Ingest's commits stay synchronous=FULL.
+        self.db.db.execute("PRAGMA synchronous=NORMAL")
         deferring_since: Optional[float] = None
         while not self._stop.is_set():
             # Receiving has priority: an association waiting on us keeps a modality waiting.
