@@ -37,6 +37,7 @@ delivered every instance, whether or not the target is met; 1 otherwise.
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import json
 import os
@@ -161,7 +162,7 @@ def wait_echo(port: int, called_ae: str, proc: subprocess.Popen | None, what: st
     raise RuntimeError(f"{what} did not answer C-ECHO on port {port} within {timeout}s")
 
 
-class Target:
+class Target(abc.ABC):
     """A storage SCP on loopback: start, answer C-ECHO, count what arrived, stop."""
 
     name = ""
@@ -178,18 +179,18 @@ class Target:
         """What to delete after the run (the logs stay)."""
         return []
 
-    def start(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self) -> None: ...
 
-    def pid(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def pid(self) -> int: ...
 
+    @abc.abstractmethod
     def verify(self, corpus: Corpus) -> tuple[int, int, list[str]]:
         """(instances found, bytes stored, problems)."""
-        raise NotImplementedError
 
-    def stop(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def stop(self) -> None: ...
 
 
 class _Subprocess(Target):
@@ -200,8 +201,8 @@ class _Subprocess(Target):
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "server.log"
 
-    def command(self) -> list[str]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def command(self) -> list[str]: ...
 
     def start(self) -> None:
         log = open(self.log_path, "wb")

@@ -24,40 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pydicom
-from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance.analyze.runner import get_runner  # noqa: E402
 from appliance.config import load_config  # noqa: E402
-from tests.helpers import CALLING_AE, ServerProcess, sample  # noqa: E402
+from tests.helpers import CALLING_AE, ServerProcess, resized_copy, sample, write_fresh_copies  # noqa: E402
 
 MODEL = "cxr-pneumonia"
-
-
-def make_copies(template: pydicom.Dataset, n: int, out: Path) -> list[Path]:
-    out.mkdir(parents=True)
-    files = []
-    for i in range(n):
-        ds = template.copy()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        path = out / f"{i:04d}.dcm"
-        ds.save_as(path)
-        files.append(path)
-    return files
-
-
-def resized(ds: pydicom.Dataset, size: int) -> pydicom.Dataset:
-    out = ds.copy()
-    pixels = cv2.resize(ds.pixel_array, (size, size), interpolation=cv2.INTER_AREA).astype(ds.pixel_array.dtype)
-    out.Rows = out.Columns = size
-    out.PixelData = np.ascontiguousarray(pixels).tobytes()
-    return out
 
 
 def send(port: int, files: list[Path]) -> None:
@@ -79,7 +56,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def bench_latency(work: Path, n: int) -> list[float]:
-    files = make_copies(pydicom.dcmread(sample("RG1_UNCR.dcm")), n, work / "latency")
+    files = write_fresh_copies([pydicom.dcmread(sample("RG1_UNCR.dcm"))] * n, work / "latency")
     server = ServerProcess(work / "data-latency", allowed=CALLING_AE,
                            extra_env={"APPLIANCE_ANALYZE_WORKERS": "2"}).start()
     latencies = []
@@ -142,7 +119,8 @@ def main() -> None:
         work = Path(tmp)
         print(f"latency: {args.latency_n} single-image chest CR studies (1955x1841), sent one by one", flush=True)
         lat = bench_latency(work, args.latency_n)
-        burst_files = make_copies(resized(pydicom.dcmread(sample("RG1_UNCR.dcm")), 512), args.burst_n, work / "burst")
+        burst_files = write_fresh_copies([resized_copy(pydicom.dcmread(sample("RG1_UNCR.dcm")), 512)] * args.burst_n,
+                                         work / "burst")
         print(f"bare loop: decode + preprocess + infer of {len(burst_files)} images, one process", flush=True)
         bare = bench_bare(burst_files)
         print(f"burst: {len(burst_files)} images, {args.senders} parallel dcmsend", flush=True)

@@ -150,3 +150,36 @@ def dataset_body(path: Path) -> bytes:
         read_preamble(fh, False)
         _read_file_meta_info(fh)
         return fh.read()
+
+
+def resized_copy(ds, size: int):
+    """A copy of an image dataset with its (single-frame, grey) pixels area-resized to size×size."""
+    import cv2
+    import numpy as np
+
+    out = ds.copy()
+    pixels = cv2.resize(ds.pixel_array, (size, size), interpolation=cv2.INTER_AREA).astype(ds.pixel_array.dtype)
+    out.Rows = out.Columns = size
+    out.PixelData = np.ascontiguousarray(pixels).tobytes()
+    return out
+
+
+def write_fresh_copies(templates: list, out: Path, per_study: int = 1) -> list[Path]:
+    """Write one file per template with new Study/Series/SOP Instance UIDs (``per_study``
+    consecutive files share a study and series), as distinct instances a modality would send."""
+    from pydicom.uid import generate_uid
+
+    out.mkdir(parents=True)
+    files = []
+    study = series = ""
+    for i, template in enumerate(templates):
+        if i % per_study == 0:
+            study, series = generate_uid(), generate_uid()
+        ds = template.copy()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i % per_study + 1
+        path = out / f"{i:04d}.dcm"
+        ds.save_as(path)
+        files.append(path)
+    return files

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
-from tests.helpers import CALLING_AE, sample
+from tests.helpers import CALLING_AE, sample, write_fresh_copies
 
 N_INSTANCES = 300
 MIN_KILLS = 20
@@ -20,21 +19,8 @@ MIN_KILLS = 20
 
 def make_instances(out: Path, n: int) -> list[Path]:
     """``n`` distinct instances (10 per study) made from real images with fresh UIDs."""
-    out.mkdir()
     sources = [pydicom.dcmread(sample(name)) for name in ("CT_small.dcm", "MR_small.dcm", "US1_UNCR.dcm")]
-    files = []
-    study = series = ""
-    for i in range(n):
-        if i % 10 == 0:
-            study, series = generate_uid(), generate_uid()
-        ds = sources[i % len(sources)].copy()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.InstanceNumber = i
-        path = out / f"{i:04d}.dcm"
-        ds.save_as(path)
-        files.append(path)
-    return files
+    return write_fresh_copies([sources[i % len(sources)] for i in range(n)], out, per_study=10)
 
 
 def acknowledged(storescu_output: str) -> set[str]:

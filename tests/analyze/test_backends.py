@@ -68,8 +68,7 @@ def test_onnxruntime_errors(toy_engines: Path, tmp_path: Path) -> None:  # noqa:
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_reference_packages_match_golden(model_id: str, precision: str) -> None:
     package = PROJECT_ROOT / "engines" / model_id
-    if not (package / "manifest.toml").is_file():
-        pytest.skip(f"engines/{model_id} not committed yet")
+    assert (package / "manifest.toml").is_file(), f"engines/{model_id} is missing"
     manifest = load_manifest(package)
     if precision == "int8" and not manifest.has_int8:
         pytest.fail(f"{model_id} has no model.int8.onnx")

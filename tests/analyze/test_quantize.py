@@ -22,8 +22,6 @@ ENGINES = ROOT / "engines"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 PACKAGES = ["cxr-pneumonia", "us-breast-lesion"]
 
-needs_data = pytest.mark.skipif(not (SHARED_DATA / "breastmnist_trainval.npz").is_file(),
-                                reason="../shared/data is not present")
 
 
 def _manifest(pkg: Path) -> dict:
@@ -119,7 +117,6 @@ def test_committed_ood_stats_match_embedding(model_id: str) -> None:
 
 # --------------------------------------------------------------------------- quantize_model
 
-@needs_data
 def test_quantize_writes_int8_model_golden_and_hashes(package_copy: Path) -> None:
     result = quantize_model(package_copy, SHARED_DATA)
     assert set(result) >= {"fp32_auc", "int8_auc", "drop", "path"}
@@ -139,7 +136,6 @@ def test_quantize_writes_int8_model_golden_and_hashes(package_copy: Path) -> Non
     assert not [p for p in package_copy.iterdir() if p.name.endswith(".tmp")]
 
 
-@needs_data
 def test_quantize_refusal_leaves_no_int8_model(package_copy: Path) -> None:
     before = {p.name: p.read_bytes() for p in package_copy.iterdir()}
     with pytest.raises(QuantizeRefusedError, match="not written"):
@@ -149,7 +145,6 @@ def test_quantize_refusal_leaves_no_int8_model(package_copy: Path) -> None:
     assert after == before  # no temporary file, manifest and golden untouched
 
 
-@needs_data
 def test_quantize_refuses_with_broken_calibration(package_copy: Path) -> None:
     # calibrating on blank frames gives activation ranges of ~0: the INT8 model saturates
     with np.load(package_copy / "calibration.npz") as npz:

@@ -7,13 +7,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
-from tests.helpers import dcmsend, sample
+from tests.helpers import dcmsend, resized_copy, sample, write_fresh_copies
 from tests.pipeline.test_pipeline_e2e import wait_until_analyzed
 
 N_CHEST, N_US, N_CT = 120, 60, 20
@@ -21,29 +18,11 @@ KILLS = 10
 EXPECTED_MODEL = {"CR": "cxr-pneumonia", "US": "us-breast-lesion", "CT": "router"}
 
 
-def small_chest(ds: pydicom.Dataset, size: int = 512) -> pydicom.Dataset:
-    """The real chest CR, area-resized so a burst of hundreds stays small on disk."""
-    out = ds.copy()
-    pixels = cv2.resize(ds.pixel_array, (size, size), interpolation=cv2.INTER_AREA).astype(ds.pixel_array.dtype)
-    out.Rows, out.Columns = size, size
-    out.PixelData = np.ascontiguousarray(pixels).tobytes()
-    return out
-
-
 def burst(out: Path) -> list[Path]:
-    out.mkdir()
-    chest = small_chest(pydicom.dcmread(sample("RG1_UNCR.dcm")))
+    chest = resized_copy(pydicom.dcmread(sample("RG1_UNCR.dcm")), 512)  # small: hundreds stay cheap
     us = pydicom.dcmread(sample("US1_UNCR.dcm"))
     ct = pydicom.dcmread(sample("CT_small.dcm"))
-    files = []
-    for i, template in enumerate([chest] * N_CHEST + [us] * N_US + [ct] * N_CT):
-        ds = template.copy()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        path = out / f"{i:04d}.dcm"
-        ds.save_as(path)
-        files.append(path)
-    return files
+    return write_fresh_copies([chest] * N_CHEST + [us] * N_US + [ct] * N_CT, out)
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from appliance.config import PROJECT_ROOT
 from tests.helpers import dcmsend, sample
 from tests.web.conftest import CHEST, CLIP, CT, hub_site
 
-playwright_api = pytest.importorskip("playwright.sync_api")
+import playwright.sync_api as playwright_api  # noqa: E402 - a test dependency; make test installs it
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -28,7 +28,6 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 SHOTS = PROJECT_ROOT / "test-output" / "web"
 ADMIN, PASSWORD = "clinic-admin", "a-long-admin-password"
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed")
 
 
 TARGETS = ("button, a.btn, a.navlink, a.study-row, select, textarea, .seg span, "
