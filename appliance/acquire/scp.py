@@ -159,10 +159,28 @@ def _handle_rejected(event: evt.Event) -> None:
     log.warning("association from %s (%s) rejected", _calling_ae(event), event.assoc.requestor.address)
 
 
+class AllowListAE(AE):
+    """An AE whose calling-AE allow-list can be empty, meaning nobody.
+
+    pynetdicom treats an empty ``require_calling_aet`` as "accept anybody", and refuses an
+    impossible title in the setter; so an empty list is represented by a title no peer can send.
+    """
+
+    accept_nobody = False
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        return ["\x00"] if self.accept_nobody else AE.require_calling_aet.fget(self)  # type: ignore[attr-defined]
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        AE.require_calling_aet.fset(self, ae_titles)  # type: ignore[attr-defined]
+
+
 def make_ae(config: Config) -> AE:
     """An AE configured from ``[dicom]``: AE title, allow-list, contexts, limits."""
     dicom = config["dicom"]
-    ae = AE(ae_title=dicom["ae_title"])
+    ae = AllowListAE(ae_title=dicom["ae_title"])
     ae.maximum_associations = dicom["max_associations"]
     ae.network_timeout = dicom["network_timeout_s"]
     ae.acse_timeout = dicom["network_timeout_s"]
@@ -174,9 +192,11 @@ def make_ae(config: Config) -> AE:
         log.warning("dicom.allowed_calling_aes contains '*': any calling AE title is accepted (set-up mode)")
     else:
         if not allowed:
-            log.warning("dicom.allowed_calling_aes is empty: every association will be rejected")
-        # An empty allow-list must reject everyone; pynetdicom treats [] as "accept all".
-        ae.require_calling_aet = list(allowed) or ["\x00NOBODY"]
+            log.warning("dicom.allowed_calling_aes is empty: every association will be rejected "
+                        "(set your modality's AE title in the site configuration)")
+            ae.accept_nobody = True
+        else:
+            ae.require_calling_aet = list(allowed)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -167,11 +168,15 @@ def test_unknown_calling_ae_is_rejected(server_factory):
 def test_empty_allow_list_rejects_everyone(server_factory):
     server = server_factory(allowed="")
     server.start(wait=False)
-    try:
-        server.wait_ready(timeout=5)
-    except RuntimeError:
-        pass
+    deadline = time.monotonic() + 30
+    while "DICOM SCP EDGE listening" not in server.log_path.read_text():
+        assert server.proc.poll() is None and time.monotonic() < deadline, server.log_path.read_text()[-2000:]
+        time.sleep(0.1)
     assert not server.echo()
+    assert not server.echo(aet="ANYONE")
+    log = server.log_path.read_text()
+    assert "allowed_calling_aes is empty" in log and "association from MODALITY (127.0.0.1) rejected" in log
+    assert server.proc.poll() is None  # still serving
 
 
 def test_duplicate_is_idempotent_and_changed_copy_supersedes(server_factory, tmp_path):
