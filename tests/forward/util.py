@@ -10,14 +10,12 @@ from typing import Any
 import pydicom
 from pydicom.uid import generate_uid
 
-from tests.helpers import run_cli, sample
+from tests.helpers import resized_copy, run_cli, sample
 
 
 def small_chest(size: int = 384) -> pydicom.Dataset:
     """The real chest CR, area-resized so it analyzes and sends quickly."""
-    from tests.pipeline.test_pipeline_crash import small_chest as resize
-
-    return resize(pydicom.dcmread(sample("RG1_UNCR.dcm")), size)
+    return resized_copy(pydicom.dcmread(sample("RG1_UNCR.dcm")), size)
 
 
 def new_study(template: pydicom.Dataset, out: Path, study_uid: str | None = None, **attrs: Any) -> Path:
