@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ..atomicfile import write_atomic
 from ..errors import BackendUnavailableError, InferenceError
 from .backends.base import Backend
 from .manifest import MODEL_FILES, Manifest, sha256_file
@@ -92,27 +91,13 @@ def cache_status(cache_root: Path, key: EngineKey) -> str:
     return "valid"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def store_engine(cache_root: Path, key: EngineKey, plan_bytes: bytes) -> Path:
     """Write plan then record; a crash between the two leaves a "missing" entry, never a wrong one."""
     plan, record_path = engine_paths(cache_root, key)
     record_path.unlink(missing_ok=True)
-    _atomic_write(plan, plan_bytes)
+    write_atomic(plan, plan_bytes)
     record = {"key": asdict(key), "plan_sha256": sha256_file(plan)}
-    _atomic_write(record_path, json.dumps(record, indent=2).encode())
+    write_atomic(record_path, json.dumps(record, indent=2).encode())
     return plan
 
 
@@ -244,7 +229,7 @@ def build_engine(manifest: Manifest, precision: str, timing_cache: Path,
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise InferenceError(f"TensorRT failed to build the {precision} engine for {manifest.id}")
-    _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
+    write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
 
 

@@ -28,6 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on the device's Python 3.10
     import tomli as tomllib
 
+from ..atomicfile import write_atomic
 from ..errors import ManifestError, QuantizeRefusedError
 from ..imaging.preprocess import preprocess
 from .manifest import load_manifest, sha256_file
@@ -48,21 +49,6 @@ OPS_TO_QUANTIZE = ("Conv", "Gemm", "MatMul")
 
 
 # --------------------------------------------------------------------------- package files
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; package files are world-readable
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def refresh_file_hashes(package_dir: Path) -> dict[str, str]:
     """Rewrite the manifest's ``[files]`` table with the sha256 of every other package file.
@@ -94,7 +80,7 @@ def refresh_file_hashes(package_dir: Path) -> dict[str, str]:
     table += [f'"{name}" = "{digest}"' for name, digest in hashes.items()]
     new_text = "\n".join(kept + table) + "\n"
     tomllib.loads(new_text)  # never leave a manifest behind that does not parse
-    _atomic_write_bytes(path, new_text.encode("utf-8"))
+    write_atomic(path, new_text.encode("utf-8"))
     return hashes
 
 
