@@ -29,6 +29,7 @@ import pydicom
 import pydicom.errors
 
 from .. import triage
+from ..background import BackgroundService
 from ..config import Config
 from ..db import Database
 from ..errors import InferenceError, ManifestError, StoreError
@@ -117,11 +118,12 @@ def _lower_thread_priority() -> None:
         pass
 
 
-class AnalysisWorker:
+class AnalysisWorker(BackgroundService):
     """Worker threads over the ``analysis_jobs`` table."""
 
     def __init__(self, config: Config, database: Database, store: InstanceStore,
                  ingest_busy: Optional[Callable[[], bool]] = None):
+        super().__init__()
         self.config = config
         self.db = database
         self.store = store
@@ -132,9 +134,6 @@ class AnalysisWorker:
         self._last_settle = 0.0
         self.max_attempts = int(config["analyze"]["max_attempts"])
         self.quiet_s = int(config["analyze"]["study_quiet_s"])
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
     def recover(self) -> int:
@@ -153,19 +152,7 @@ class AnalysisWorker:
         loops = [(self._analysis_step, f"analysis-{i}") for i in range(int(self.config["analyze"]["workers"]))]
         loops.append((self._objects_step, "result-objects"))
         for step, name in loops:
-            thread = threading.Thread(target=self._loop, args=(step,), name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-        self._threads.clear()
-
-    def wake(self, *_args: Any) -> None:
-        self._wake.set()
+            self._spawn(name, self._loop, step)
 
     def _analysis_step(self) -> bool:
         worked = self.run_once()

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import pydicom
 import pydicom.errors
 
+from ..background import BackgroundService
 from ..config import Config
 from ..db import Database
 from ..store import InstanceStore
@@ -38,18 +39,16 @@ RULES_EVERY_S = 2.0
 PeerFactory = Callable[[dict[str, Any], threading.Event], Peer]
 
 
-class Forwarder:
+class Forwarder(BackgroundService):
     """Sender and report-poller threads for every configured destination."""
 
     def __init__(self, config: Config, database: Database, store: InstanceStore,
                  peer_factory: Optional[PeerFactory] = None):
+        super().__init__()
         self.config = config
         self.db = database
         self.store = store
         self._peer_factory = peer_factory or self._default_peer
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._uids: Optional[UidMap] = None
         self._last_rules = 0.0
         # Peers are kept between items of the same destination: on a long-delay link a new TCP
@@ -73,23 +72,14 @@ class Forwarder:
         if not self.config["destinations"]:
             log.info("forwarding: no destinations configured")
             return
-        for name, target in (("forward-sender", self._send_loop), ("forward-reports", self._report_loop)):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._spawn("forward-sender", self._send_loop)
+        self._spawn("forward-reports", self._report_loop)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-        self._threads.clear()
+        super().stop()
         for peer in self._peers.values():
             peer.close()
         self._peers.clear()
-
-    def wake(self, *_args: Any) -> None:
-        self._wake.set()
 
     def _send_loop(self) -> None:
         while not self._stop.is_set():
