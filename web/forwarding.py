@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import current_app
 from flask_babel import format_decimal
 from flask_babel import gettext as _
 
@@ -51,7 +52,8 @@ def _when(iso: str) -> str:
 def study_items(database: Any, study_uid: str) -> list[dict[str, Any]]:
     """Per destination, the study's latest outbox item with its words and the actions allowed."""
     out = []
-    for item in study_forwarding(database, study_uid):
+    # With the configuration, the AI objects a waiting item will also send count as pending.
+    for item in study_forwarding(database, study_uid, current_app.config.get("APPLIANCE")):
         trying = item["state"] in TRYING
         out.append({
             **item, "state_words": state_words(item["state"]), "trying": trying,

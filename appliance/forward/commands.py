@@ -67,7 +67,7 @@ def _list(config_file: str | None, data_dir: str | None, as_json: bool, show_all
     from .status import destination_status, list_items
 
     config, database = _open(config_file, data_dir)
-    items = list_items(database, include_done=show_all)
+    items = list_items(database, include_done=show_all, config=config)
     destinations = destination_status(database, config)
     if as_json:
         click.echo(json.dumps({"schema_version": SCHEMA_VERSION, "items": items, "destinations": destinations},

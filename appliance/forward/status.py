@@ -1,17 +1,44 @@
 """Read-outs of the outbox for the UI, the CLI (`appliance outbox --json`) and the tests."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from ..config import Config
 from ..db import Database
-from .outbox import ACTIVE
+from .outbox import ACTIVE, CLINIC_SOURCES
 
 SCHEMA_VERSION = 1
 INSTANCE_STATES = ("pending", "sent", "confirmed", "refused", "blocked")
 
 
-def _with_counts(database: Database, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _unlisted(database: Database, where: str, params: tuple[Any, ...],
+              ai_destinations: Optional[list[str]]) -> dict[int, tuple[int, int]]:
+    """Per active item matching ``where`` (alias o = outbox_items): (count, bytes) of the study's
+    instances the item does not list yet.
+
+    An item lists its instances only from its first attempt on (late images and AI results are
+    added at each attempt), so a queue that waits for a send window or a hub that is down would
+    otherwise show nothing pending.  They are pending: the next attempt sends them.  AI objects
+    count for ``ai_destinations`` (those with attach_ai_results); None = unknown, not counted.
+    """
+    ai = ai_destinations or []
+    with_ai = f" OR (i.source = 'ai' AND o.destination IN ({', '.join('?' * len(ai))}))" if ai else ""
+    rows = database.query(
+        f"SELECT o.id AS item_id, COUNT(*) AS n, COALESCE(SUM(i.size), 0) AS size FROM outbox_items o "
+        f"JOIN instances i ON i.study_uid = o.study_uid WHERE {where} AND o.state IN {ACTIVE} "
+        f"AND (i.source IN ({', '.join('?' * len(CLINIC_SOURCES))}){with_ai}) "
+        f"AND NOT EXISTS (SELECT 1 FROM outbox_instances b WHERE b.item_id = o.id "
+        f"AND b.sop_instance_uid = i.sop_instance_uid) GROUP BY o.id",
+        (*params, *CLINIC_SOURCES, *ai))
+    return {r["item_id"]: (int(r["n"]), int(r["size"])) for r in rows}
+
+
+def _ai_destinations(config: Optional[Config]) -> Optional[list[str]]:
+    return None if config is None else [d["name"] for d in config["destinations"] if d["attach_ai_results"]]
+
+
+def _with_counts(database: Database, items: list[dict[str, Any]],
+                 config: Optional[Config] = None) -> list[dict[str, Any]]:
     if not items:
         return []
     ids = [i["id"] for i in items]
@@ -28,10 +55,15 @@ def _with_counts(database: Database, items: list[dict[str, Any]]) -> list[dict[s
             c["bytes_sent"] += row["sent"] or 0
         if row["state"] == "pending":
             c["bytes_pending"] += row["original"] or 0
+    unlisted = _unlisted(database, f"o.id IN ({marks})", tuple(ids), _ai_destinations(config))
     out = []
     for item in items:
         c = counts.get(item["id"], {"instances": dict.fromkeys(INSTANCE_STATES, 0), "bytes_original": 0,
                                     "bytes_sent": 0, "bytes_pending": 0})
+        n, size = unlisted.get(item["id"], (0, 0))
+        c["instances"]["pending"] += n
+        c["bytes_original"] += size
+        c["bytes_pending"] += size
         c["instances"]["total"] = sum(c["instances"].values())
         out.append({
             "id": item["id"], "study_uid": item["study_uid"], "destination": item["destination"],
@@ -44,18 +76,19 @@ def _with_counts(database: Database, items: list[dict[str, Any]]) -> list[dict[s
     return out
 
 
-def list_items(database: Database, include_done: bool = False) -> list[dict[str, Any]]:
+def list_items(database: Database, include_done: bool = False, config: Optional[Config] = None) -> list[dict[str, Any]]:
     """Outbox items, most pressing first: active and failed ones, plus confirmed and cancelled
-    ones when ``include_done``."""
+    ones when ``include_done``.  With ``config``, the AI objects a waiting item will also send
+    count as pending."""
     states = ACTIVE + ("failed",) + (("confirmed", "cancelled") if include_done else ())
     items = database.query(
         f"SELECT o.*, MAX(o.next_attempt_at, COALESCE(d.next_attempt_at, '')) AS next_retry FROM outbox_items o "
         f"LEFT JOIN destination_state d ON d.name = o.destination WHERE o.state IN ({', '.join('?' * len(states))}) "
         f"ORDER BY o.state IN ('confirmed', 'cancelled'), o.priority_rank, o.id", states)
-    return _with_counts(database, items)
+    return _with_counts(database, items, config)
 
 
-def study_forwarding(database: Database, study_uid: str) -> list[dict[str, Any]]:
+def study_forwarding(database: Database, study_uid: str, config: Optional[Config] = None) -> list[dict[str, Any]]:
     """Per destination, the latest outbox item of a study: state, last error, next retry, counts.
 
     For the study view.  ``last_error`` is the last transient problem (the item keeps retrying);
@@ -66,7 +99,7 @@ def study_forwarding(database: Database, study_uid: str) -> list[dict[str, Any]]
         "LEFT JOIN destination_state d ON d.name = o.destination WHERE o.study_uid = ? AND o.id IN "
         "(SELECT MAX(id) FROM outbox_items WHERE study_uid = ? GROUP BY destination) ORDER BY o.destination",
         (study_uid, study_uid))
-    out = _with_counts(database, items)
+    out = _with_counts(database, items, config)
     for entry in out:
         if entry["state"] in ("confirmed", "failed", "cancelled"):
             entry["next_attempt_at"] = ""
@@ -89,6 +122,8 @@ def destination_status(database: Database, config: Config) -> list[dict[str, Any
             f"SELECT COALESCE(SUM(b.bytes_original), 0) AS n FROM outbox_instances b JOIN outbox_items o ON "
             f"o.id = b.item_id WHERE o.destination = ? AND o.state IN {ACTIVE} AND b.state IN ('pending', 'sent')",
             (name,))[0]["n"]
+        pending += sum(size for _, size in _unlisted(database, "o.destination = ?", (name,),
+                                                     _ai_destinations(config)).values())
         failed = database.query("SELECT COUNT(*) AS n FROM outbox_items WHERE destination = ? AND state = 'failed'",
                                 (name,))[0]["n"]
         out.append({

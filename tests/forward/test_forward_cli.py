@@ -59,8 +59,12 @@ def test_forward_and_list_in_the_documented_schema(box):
                                                                  "blocked", "total"}
     assert (item["id"], item["study_uid"], item["destination"], item["priority"], item["state"], item["origin"],
             item["requested_by"]) == (item_id, box.study, "hub", "urgent", "queued", "manual", "nurse1")
+    # Nothing attempted yet, and still the study's instance counts as pending, with its size.
+    size = box.db.query("SELECT size FROM instances WHERE study_uid = ?", (box.study,))[0]["size"]
+    assert item["instances"]["pending"] == item["instances"]["total"] == 1
+    assert item["bytes_pending"] == item["bytes_original"] == size and item["bytes_sent"] == 0
     (dest,) = listing["destinations"]
-    assert set(dest) == DESTINATION_KEYS
+    assert set(dest) == DESTINATION_KEYS and dest["bytes_pending"] == size
     assert (dest["name"], dest["kind"], dest["compress"], dest["queue_length"]) == ("hub", "dicomweb",
                                                                                    "jpegls-lossless", 1)
     text = cli(box, "outbox")
