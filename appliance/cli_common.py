@@ -34,13 +34,19 @@ def setup(config_file: str | None, overrides: dict[str, Any] | None = None) -> C
         config = load_config(config_file, overrides)
     except ApplianceError as exc:
         raise click.ClickException(f"configuration error: {exc}") from exc
+    configure_logging(config)
+    return config
+
+
+def configure_logging(config: Config, tag: str = "") -> None:
+    """Log to stderr at the configured level; ``tag`` names a helper process in each line."""
     # DICOM libraries' warnings quote element values (patient and physician names, for one):
     # they must never reach the application log.
     warnings.filterwarnings("ignore", module=r"(highdicom|pydicom)(\..*)?$")
+    name = f"%(name)s[{tag}]" if tag else "%(name)s"
     logging.basicConfig(
         level=config["log"]["level"].upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {name}: %(message)s",
         stream=sys.stderr,
     )
     logging.getLogger("pydicom").setLevel(logging.ERROR)
-    return config

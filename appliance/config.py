@@ -48,6 +48,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "allowed_calling_aes": [],
         "max_associations": 16,
         "network_timeout_s": 60,
+        "processes": 0,
     },
     "http": {
         "host": "0.0.0.0",
@@ -148,6 +149,7 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "dicom.port": _check_port,
     "dicom.allowed_calling_aes": _check_calling_aes,
     "dicom.max_associations": _check_positive,
+    "dicom.processes": _check_non_negative,
     "dicom.network_timeout_s": _check_positive,
     "http.port": _check_port,
     "http.threads": _check_positive,

@@ -10,6 +10,7 @@ from waitress.server import create_server
 
 from web import create_app
 
+from .acquire.receivers import ReceiverPool, process_count
 from .acquire.scp import IngestActivity, start_scp
 from .analyze.worker import AnalysisWorker
 from .config import Config
@@ -29,6 +30,7 @@ class Appliance:
         self.database = open_database(config.data_dir)
         self.store = InstanceStore(config.data_dir, self.database, config["storage"]["min_free_mb"])
         self._scp: Any = None
+        self.receivers: Any = None
         self.worker: Any = None
         self.forwarder: Any = None
         self._http: Any = None
@@ -39,12 +41,17 @@ class Appliance:
         report = self.store.recover()
         log.info("start-up recovery: %s", report)
         activity = IngestActivity()
-        self.worker = AnalysisWorker(self.config, self.database, self.store, ingest_busy=activity.busy)
+        self.receivers = ReceiverPool(self.config, process_count(self.config) - 1, activity.open_count)
+        self.worker = AnalysisWorker(self.config, self.database, self.store,
+                                     ingest_busy=lambda: activity.busy() or self.receivers.busy())
+        self.receivers.on_stored = self.worker.wake
+        self.receivers.start()
         self.worker.start()
         self.forwarder = Forwarder(self.config, self.database, self.store)
         self.forwarder.start()
         self._scp = start_scp(self.config, self.store, on_stored=self.worker.wake,
-                              report_hook=scp_hook(self.config, self.database, self.store), activity=activity)
+                              report_hook=scp_hook(self.config, self.database, self.store), activity=activity,
+                              dispatch=self.receivers.dispatch)
         http = self.config["http"]
         app = create_app(self.config)
         self._http = create_server(app, host=http["host"], port=http["port"], threads=http["threads"])
@@ -56,6 +63,9 @@ class Appliance:
         if self._scp is not None:
             self._scp.shutdown()
             self._scp = None
+        if self.receivers is not None:
+            self.receivers.stop()
+            self.receivers = None
         if self.worker is not None:
             self.worker.stop()
             self.worker = None

@@ -5,8 +5,13 @@ name, its directory entries are fsynced, and its row is committed.  Only then ma
 report success to the sender.  A crash at any earlier point leaves either nothing, a temp file
 (removed by :meth:`recover`), or a complete file without a row (indexed by :meth:`recover`).
 
-Group commit: each caller parses, hashes, writes and fsyncs its own temp file in its own thread
-(associations run in parallel), then hands it to one committer thread.  The committer takes
+Staging: the temp file is written, fsynced and hashed in background threads while the caller
+parses and checks the dataset (:meth:`InstanceStore.stage`, then :meth:`InstanceStore.commit`):
+the parse holds the GIL, the write, fsync and hash do not, so they overlap.  A staged file that
+is not committed (the dataset was rejected) is removed.
+
+Group commit: each caller stages its own temp file in its own thread (associations run in
+parallel), then hands it to one committer thread.  The committer takes
 every hand-off waiting at that moment, renames them into place, fsyncs each touched directory
 once and commits all their rows in one transaction, and only then releases the callers.  The
 guarantee per instance is unchanged; the directory and database flushes are shared.
@@ -29,8 +34,9 @@ import os
 import queue
 import shutil
 import threading
+import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +55,11 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 MAX_BATCH = 64
+# Free space is measured at most this often while it is well above the floor (statvfs costs a
+# system call per C-STORE otherwise); bytes written since the measurement are subtracted.
+SPACE_RECHECK_S = 1.0
+SPACE_MARGIN = 1024 * MIB
+STAGING_THREADS = 8
 
 
 def utc_now() -> str:
@@ -78,6 +89,10 @@ def _makedirs(path: Path, to_sync: set[Path]) -> None:
         to_sync.add(directory.parent)
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     try:
@@ -97,6 +112,30 @@ class StoreOutcome:
     sop_instance_uid: str
     study_uid: str
     path: Path
+
+
+class Staged:
+    """A byte string being written to a temp file and hashed (see :meth:`InstanceStore.stage`)."""
+
+    def __init__(self, data: bytes, write: "Future[Path]", digest: "Future[str]"):
+        self.data = data
+        self._write = write
+        self._digest = digest
+        self.committed = False
+
+    def result(self) -> tuple[Path, str]:
+        """The fsynced temp file and the sha256; raises what writing raised."""
+        return self._write.result(), self._digest.result()
+
+    def discard(self) -> None:
+        """Remove the temp file unless it was committed (waits for the write to finish)."""
+        if self.committed:
+            return
+        try:
+            tmp = self._write.result()
+        except Exception:  # noqa: BLE001 - a failed write left nothing behind
+            return
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -126,17 +165,30 @@ class InstanceStore:
         for d in (self.instances_dir, self.superseded_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._queue: "queue.Queue[_Pending]" = queue.Queue()
+        self._staging = ThreadPoolExecutor(STAGING_THREADS, thread_name_prefix="store-stage")
+        self._space_lock = threading.Lock()
+        self._space_checked = (-SPACE_RECHECK_S, 0)  # (monotonic time, free bytes then)
+        self._written_since = 0
         self._committer: Optional[threading.Thread] = None
         self._committer_lock = threading.Lock()
 
     # -- space ---------------------------------------------------------------------------
     def check_space(self, incoming_bytes: int = 0) -> None:
         """Raise OutOfSpaceError if writing ``incoming_bytes`` would go below the floor."""
-        free = shutil.disk_usage(self.data_dir).free
-        if free - incoming_bytes < self.min_free_mb * MIB:
-            raise OutOfSpaceError(
-                f"free space {free // MIB} MiB minus {incoming_bytes} bytes is below the floor of {self.min_free_mb} MiB"
-            )
+        floor = self.min_free_mb * MIB
+        with self._space_lock:
+            checked_at, free = self._space_checked
+            estimate = free - self._written_since - incoming_bytes
+            if time.monotonic() - checked_at > SPACE_RECHECK_S or estimate < floor + SPACE_MARGIN:
+                free = shutil.disk_usage(self.data_dir).free
+                self._space_checked = (time.monotonic(), free)
+                self._written_since = 0
+                estimate = free - incoming_bytes
+            if estimate < floor:
+                raise OutOfSpaceError(
+                    f"free space {free // MIB} MiB minus {incoming_bytes} bytes is below the floor of {self.min_free_mb} MiB"
+                )
+            self._written_since += incoming_bytes
 
     # -- storing -------------------------------------------------------------------------
     def final_path(self, ids: dict[str, str]) -> Path:
@@ -156,20 +208,32 @@ class InstanceStore:
             raise StoreError(f"cannot write temp file: {exc}") from exc
         return tmp
 
-    def store(self, data: bytes, calling_ae: str = "", source: str = "dicom", ds: Dataset | None = None) -> StoreOutcome:
-        """Store one Part 10 byte string exactly as given.  See the module docstring."""
+    def stage(self, data: bytes) -> Staged:
+        """Check space, then start writing ``data`` to an fsynced temp file and hashing it in the
+        background.  Follow with :meth:`commit`; call ``discard()`` on the result in any case."""
         self.check_space(len(data))
-        if ds is None:
-            ds = parse_part10(data)
+        return Staged(data, self._staging.submit(self._write_temp, data), self._staging.submit(_sha256, data))
+
+    def commit(self, staged: Staged, ds: Dataset, calling_ae: str = "", source: str = "dicom") -> StoreOutcome:
+        """Rename the staged file into place and index it; returns when both are durable."""
         ids = identify(ds)
-        pending = _Pending(self._write_temp(data), len(data), hashlib.sha256(data).hexdigest(), ds, ids,
-                           calling_ae, source)
+        tmp, sha = staged.result()
+        pending = _Pending(tmp, len(staged.data), sha, ds, ids, calling_ae, source)
         try:
             self._ensure_committer()
             self._queue.put(pending)
             return pending.future.result()
         finally:
-            pending.tmp.unlink(missing_ok=True)
+            staged.committed = True
+            tmp.unlink(missing_ok=True)  # still there only if the commit failed before the rename
+
+    def store(self, data: bytes, calling_ae: str = "", source: str = "dicom", ds: Dataset | None = None) -> StoreOutcome:
+        """Store one Part 10 byte string exactly as given.  See the module docstring."""
+        staged = self.stage(data)
+        try:
+            return self.commit(staged, parse_part10(data) if ds is None else ds, calling_ae, source)
+        finally:
+            staged.discard()
 
     def _ensure_committer(self) -> None:
         with self._committer_lock:

@@ -50,6 +50,7 @@ def test_site_file_from_environment(tmp_path):
         ("", {"APPLIANCE_STORAGE_MIN_FREE_MB": "lots"}, "storage.min_free_mb (from environment): expected an integer"),
         ("", {"APPLIANCE_BOGUS_X": "1"}, "APPLIANCE_BOGUS_X"),
         ("[log]\nlevel = \"LOUD\"\n", {}, "log.level"),
+        ("", {"APPLIANCE_DICOM_PROCESSES": "-1"}, "dicom.processes"),
     ],
 )
 def test_invalid_configuration_names_key_and_problem(tmp_path, text, env, message):

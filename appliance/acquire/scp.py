@@ -118,16 +118,18 @@ def make_store_handler(store: InstanceStore, on_stored: Callable[[Any], None] | 
 
     def handle_store(event: evt.Event) -> Dataset:
         calling = _calling_ae(event)
+        staged = None
         try:
             data = event.encoded_dataset(include_meta=True)
-            store.check_space(len(data))
+            # The temp file is written and fsynced while the dataset is parsed and checked.
+            staged = store.stage(data)
             ds = parse_part10(data)
             requested = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
             if requested and str(ds.get("SOPInstanceUID", "")).strip() != requested:
                 raise InvalidDatasetError("SOP Instance UID differs from the C-STORE request")
             outcome = report_hook(calling, data, ds) if report_hook is not None else None
             if outcome is None:
-                outcome = store.store(data, calling_ae=calling, source="dicom", ds=ds)
+                outcome = store.commit(staged, ds, calling_ae=calling, source="dicom")
         except OutOfSpaceError as exc:
             log.warning("C-STORE from %s refused (out of resources): %s", calling, exc)
             return _status(STATUS_OUT_OF_RESOURCES, "Out of resources: storage floor reached")
@@ -139,6 +141,9 @@ def make_store_handler(store: InstanceStore, on_stored: Callable[[Any], None] | 
             log.error("C-STORE from %s failed: %s: %s", calling, type(exc).__name__, exc)
             return _status(STATUS_OUT_OF_RESOURCES if isinstance(exc, OSError) else STATUS_PROCESSING_FAILURE,
                            f"Storage failed: {type(exc).__name__}")
+        finally:
+            if staged is not None:
+                staged.discard()
         log.info("C-STORE from %s: %s %s", calling, outcome.action, outcome.sop_instance_uid)
         if on_stored is not None:
             try:
@@ -218,24 +223,63 @@ class IngestActivity:
         with self._lock:
             self._open = max(0, self._open - 1)
 
+    def open_count(self) -> int:
+        return self._open
+
     def busy(self) -> bool:
         return self._open > 0
 
 
-class NoDelayServer(ThreadedAssociationServer):
-    """Disable Nagle on accepted connections: a small response written behind a previous
-    segment must not wait for the peer's delayed ACK (tens of milliseconds per C-STORE)."""
+class ReceivingServer(ThreadedAssociationServer):
+    """The listening server.
+
+    Nagle is disabled on accepted connections: a small response written behind a previous
+    segment must not wait for the peer's delayed ACK (tens of milliseconds per C-STORE).
+
+    ``dispatch(conn, address)`` (see :mod:`.receivers`) may hand an accepted connection to
+    another receiving process; it returns False to keep it here.  A connection kept here is set
+    up synchronously (that only creates the association, whose own thread then runs it), so
+    EVT_CONN_OPEN has fired before the next connection is dispatched and the counts the
+    dispatcher balances on are exact.
+    """
+
+    dispatch: Callable[[socket.socket, Any], bool] | None = None
 
     def get_request(self) -> Any:
         conn, address = super().get_request()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn, address
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.dispatch is not None and self.dispatch(request, client_address):
+            return
+        self.finish_request(request, client_address)
 
-def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], None] | None = None,
-              report_hook: Callable[[str, bytes, Dataset], Any] | None = None,
-              activity: IngestActivity | None = None) -> ThreadedAssociationServer:
-    """Start serving in background threads; call ``.shutdown()`` on the result to stop."""
+
+class HandedOverServer(ThreadedAssociationServer):
+    """In a helper receiving process: serves connections accepted by the main process (passed
+    to :meth:`take`); it never binds or listens itself."""
+
+    def server_bind(self) -> None:
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def take(self, conn: socket.socket, address: Any) -> None:
+        self.finish_request(conn, address)
+
+    def abort_all(self) -> None:
+        for assoc in self.active_associations:
+            assoc.abort()
+
+
+def make_server(config: Config, store: InstanceStore, server_class: type[ThreadedAssociationServer],
+                on_stored: Callable[[Any], None] | None = None,
+                report_hook: Callable[[str, bytes, Dataset], Any] | None = None,
+                activity: IngestActivity | None = None,
+                on_closed: Callable[[evt.Event], None] | None = None) -> ThreadedAssociationServer:
+    """The AE's association server with our handlers bound (not yet serving)."""
     ae = make_ae(config)
     handlers = [
         (evt.EVT_C_STORE, make_store_handler(store, on_stored, report_hook)),
@@ -244,10 +288,22 @@ def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], N
     ]
     if activity is not None:
         handlers += [(evt.EVT_CONN_OPEN, activity.opened), (evt.EVT_CONN_CLOSE, activity.closed)]
+    if on_closed is not None:
+        handlers.append((evt.EVT_CONN_CLOSE, on_closed))
     server = ae.make_server((config["dicom"]["host"], config["dicom"]["port"]), evt_handlers=handlers,
-                            server_class=NoDelayServer)
+                            server_class=server_class)
     # What AE.start_server does for its own servers: shutdown() expects to find it in this list.
     ae._servers.append(server)
+    return server
+
+
+def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], None] | None = None,
+              report_hook: Callable[[str, bytes, Dataset], Any] | None = None,
+              activity: IngestActivity | None = None,
+              dispatch: Callable[[socket.socket, Any], bool] | None = None) -> ThreadedAssociationServer:
+    """Start listening in a background thread; call ``.shutdown()`` on the result to stop."""
+    server = make_server(config, store, ReceivingServer, on_stored, report_hook, activity)
+    server.dispatch = dispatch  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True).start()
     log.info("DICOM SCP %s listening on %s:%d", config["dicom"]["ae_title"], *server.server_address[:2])
     return server
