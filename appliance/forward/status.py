@@ -1,7 +1,7 @@
 """Read-outs of the outbox for the UI, the CLI (`appliance outbox --json`) and the tests."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from ..config import Config
 from ..db import Database
@@ -12,7 +12,7 @@ INSTANCE_STATES = ("pending", "sent", "confirmed", "refused", "blocked")
 
 
 def _unlisted(database: Database, where: str, params: tuple[Any, ...],
-              ai_destinations: Optional[list[str]]) -> dict[int, tuple[int, int]]:
+              ai_destinations: list[str] | None) -> dict[int, tuple[int, int]]:
     """Per active item matching ``where`` (alias o = outbox_items): (count, bytes) of the study's
     instances the item does not list yet.
 
@@ -33,12 +33,12 @@ def _unlisted(database: Database, where: str, params: tuple[Any, ...],
     return {r["item_id"]: (int(r["n"]), int(r["size"])) for r in rows}
 
 
-def _ai_destinations(config: Optional[Config]) -> Optional[list[str]]:
+def _ai_destinations(config: Config | None) -> list[str] | None:
     return None if config is None else [d["name"] for d in config["destinations"] if d["attach_ai_results"]]
 
 
 def _with_counts(database: Database, items: list[dict[str, Any]],
-                 config: Optional[Config] = None) -> list[dict[str, Any]]:
+                 config: Config | None = None) -> list[dict[str, Any]]:
     if not items:
         return []
     ids = [i["id"] for i in items]
@@ -76,7 +76,7 @@ def _with_counts(database: Database, items: list[dict[str, Any]],
     return out
 
 
-def list_items(database: Database, include_done: bool = False, config: Optional[Config] = None) -> list[dict[str, Any]]:
+def list_items(database: Database, include_done: bool = False, config: Config | None = None) -> list[dict[str, Any]]:
     """Outbox items, most pressing first: active and failed ones, plus confirmed and cancelled
     ones when ``include_done``.  With ``config``, the AI objects a waiting item will also send
     count as pending."""
@@ -88,7 +88,7 @@ def list_items(database: Database, include_done: bool = False, config: Optional[
     return _with_counts(database, items, config)
 
 
-def study_forwarding(database: Database, study_uid: str, config: Optional[Config] = None) -> list[dict[str, Any]]:
+def study_forwarding(database: Database, study_uid: str, config: Config | None = None) -> list[dict[str, Any]]:
     """Per destination, the latest outbox item of a study: state, last error, next retry, counts.
 
     For the study view.  ``last_error`` is the last transient problem (the item keeps retrying);

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pydicom
 import requests
@@ -91,7 +91,7 @@ class HttpsProxy:
     through unchanged, so Orthanc itself checks the basic-auth credentials.
     """
 
-    def __init__(self, hub: Any, pki: Pki, token: Optional[str] = None):
+    def __init__(self, hub: Any, pki: Pki, token: str | None = None):
         self.hub, self.token = hub, token
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status) as seen over TLS
         proxy = self
@@ -151,7 +151,7 @@ class StoreScp:
 
     AE_TITLE = "REFUSER"
 
-    def __init__(self, port: Optional[int] = None):
+    def __init__(self, port: int | None = None):
         self.port = port or free_port()
         self.answers: dict[str, list[int]] = {}
         self.stored: dict[str, dict[str, Dataset]] = {}  # study uid -> sop uid -> dataset
@@ -183,7 +183,7 @@ class StoreScp:
             match.SOPInstanceUID = uid
             yield 0xFF00, match
 
-    def start(self) -> "StoreScp":
+    def start(self) -> StoreScp:
         ae = AE(self.AE_TITLE)
         ae.supported_contexts = StoragePresentationContexts
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
@@ -208,7 +208,7 @@ class StowPeer:
     stored: dict[str, set[str]] = field(default_factory=dict)  # study uid -> sop uids
     posts: int = 0
 
-    def start(self) -> "StowPeer":
+    def start(self) -> StowPeer:
         peer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -299,8 +299,8 @@ class Box:
         raise AssertionError(f"the outbox still had work after {limit} attempts")
 
 
-def make_box(directory: Path, *tables: str, environ: Optional[dict[str, str]] = None,
-             data_dir: Optional[Path] = None) -> Box:
+def make_box(directory: Path, *tables: str, environ: dict[str, str] | None = None,
+             data_dir: Path | None = None) -> Box:
     data = data_dir or directory / "data"
     directory.mkdir(parents=True, exist_ok=True)
     site = directory / "site.toml"

@@ -17,7 +17,6 @@ from tests.forward.local_peers import StoreScp, StowPeer, make_box
 from tests.helpers import sample
 
 
-
 def dicom_destination(port: int) -> str:
     return ('[[destinations]]\nname = "pacs"\nkind = "dicom"\nhost = "127.0.0.1"\n'
             f'port = {port}\ncalled_ae = "{StoreScp.AE_TITLE}"\ndeidentify = false\nattach_ai_results = false\n'
