@@ -42,6 +42,9 @@ class OnnxRuntimeBackend(Backend):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Idle intra-op threads sleep instead of spinning: the box receives, serves the UI and
+        # analyzes at the same time on a few cores, and a spinning pool starves the others.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(model_path), sess_options=options,
                                                  providers=["CPUExecutionProvider"])
