@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -42,79 +42,95 @@ QUEUE_BYTES = 64 * 1024  # the bottleneck's buffer beyond the bytes in flight
 
 
 class Link:
-    """A shaped TCP link from ``listen_port`` to ``target_port`` on loopback, in a thread."""
+    """A shaped TCP link from ``listen_port`` to ``target_port`` on loopback, run in a process of
+    its own (so that neither sender shares an interpreter lock with the emulator).
+
+    One bottleneck per direction, shared by every connection through the link (as on a real
+    link): bytes of all connections queue for one serialiser, so parallel connections share the
+    rate instead of each getting a link of their own."""
 
     def __init__(self, target_port: int, rate_kbps: int, delay_ms: int):
         self.target_port, self.listen_port = target_port, free_port()
-        self.rate = rate_kbps * 1000 / 8  # bytes per second
-        self.delay = delay_ms / 1000
-        self.wire_bytes = 0
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        self._ready.wait()
+        self._counter = multiprocessing.Value("q", 0)
+        ready = multiprocessing.Event()
+        self._process = multiprocessing.Process(
+            target=_serve_link, args=(target_port, self.listen_port, rate_kbps * 1000 / 8, delay_ms / 1000,
+                                      self._counter, ready), daemon=True)
+        self._process.start()
+        if not ready.wait(10):
+            raise RuntimeError("link emulator did not start")
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", self.listen_port))
-        self._ready.set()
-        self.loop.run_forever()
-
-    async def _client(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
-        try:
-            s_reader, s_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            c_writer.close()
-            return
-        await asyncio.gather(self._direction(c_reader, s_writer), self._direction(s_reader, c_writer))
-
-    async def _direction(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        state = {"free_at": loop.time(), "inflight": 0}
-        limit = int(self.rate * self.delay) + QUEUE_BYTES
-        drained = asyncio.Event()
-
-        async def deliver() -> None:
-            while True:
-                due, data = await queue.get()
-                if data is None:
-                    writer.close()
-                    return
-                wait = due - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                try:
-                    writer.write(data)
-                    await writer.drain()
-                except OSError:
-                    return
-                state["inflight"] -= len(data)
-                drained.set()
-
-        task = asyncio.ensure_future(deliver())
-        while True:
-            try:
-                data = await reader.read(4096)
-            except OSError:
-                data = b""
-            if not data:
-                await queue.put((0, None))
-                break
-            while state["inflight"] > limit:
-                drained.clear()
-                await drained.wait()
-            depart = max(loop.time(), state["free_at"]) + len(data) / self.rate
-            state["free_at"] = depart
-            state["inflight"] += len(data)
-            self.wire_bytes += len(data)
-            await queue.put((depart + self.delay, data))
-        await task
+    @property
+    def wire_bytes(self) -> int:
+        return int(self._counter.value)
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._process.terminate()
+        self._process.join(timeout=10)
+
+
+def _serve_link(target_port: int, listen_port: int, rate: float, delay: float, counter, ready) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        # per direction: when the serialiser is next free, bytes accepted but not yet delivered
+        bottleneck = {d: {"free_at": loop.time(), "inflight": 0, "drained": asyncio.Event()} for d in ("up", "down")}
+        limit = int(rate * delay) + QUEUE_BYTES
+
+        async def direction(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str) -> None:
+            queue: asyncio.Queue = asyncio.Queue()
+            state = bottleneck[name]
+
+            async def deliver() -> None:
+                while True:
+                    due, data = await queue.get()
+                    if data is None:
+                        writer.close()
+                        return
+                    wait = due - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    state["inflight"] -= len(data)
+                    state["drained"].set()
+                    try:
+                        writer.write(data)
+                        await writer.drain()
+                    except OSError:
+                        return
+
+            task = asyncio.ensure_future(deliver())
+            while True:
+                try:
+                    data = await reader.read(4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    await queue.put((0, None))
+                    break
+                while state["inflight"] > limit:
+                    state["drained"].clear()
+                    await state["drained"].wait()
+                depart = max(loop.time(), state["free_at"]) + len(data) / rate
+                state["free_at"] = depart
+                state["inflight"] += len(data)
+                with counter.get_lock():
+                    counter.value += len(data)
+                await queue.put((depart + delay, data))
+            await task
+
+        async def client(c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+            try:
+                s_reader, s_writer = await asyncio.open_connection("127.0.0.1", target_port)
+            except OSError:
+                c_writer.close()
+                return
+            await asyncio.gather(direction(c_reader, s_writer, "up"), direction(s_reader, c_writer, "down"))
+
+        server = await asyncio.start_server(client, "127.0.0.1", listen_port)
+        ready.set()
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
 
 
 def make_files(out: Path, n: int) -> list[Path]:
@@ -153,6 +169,7 @@ def run_appliance(work: Path, hub: Orthanc, link: Link, files: list[Path], kind:
     while forwarder.run_once():
         pass
     elapsed = time.monotonic() - started
+    forwarder.stop()  # releases the associations / connections it keeps open between items
     items = [i for uid in study_uids for i in study_forwarding(database, uid)]
     assert all(i["state"] == "confirmed" for i in items), [i["last_error"] for i in items]
     assert hub.instance_count() == len(files)

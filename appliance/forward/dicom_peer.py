@@ -1,5 +1,12 @@
 """A DICOM destination: C-STORE SCU to send, C-FIND to confirm (pynetdicom), optional TLS.
 
+Associations are kept open between outbox items (released after ``idle_s`` without use, or when
+other presentation contexts are needed), and the C-FIND that confirms runs on the same association
+as the C-STOREs (Study Root FIND is proposed with the storage contexts).  Instances go over
+``lanes`` associations at once: each C-STORE still waits for its own response status before that
+association sends the next, but on a long round trip another association keeps the link busy
+(pynetdicom has no asynchronous operations window).
+
 Transfer syntaxes are negotiated per SOP class with one presentation context per syntax, so the
 peer's answer tells exactly which encodings it takes: the destination's lossless compression if
 accepted, else the instance's stored syntax, else uncompressed.
@@ -13,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import Any, Callable, Optional
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -24,11 +33,15 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # t
 from .compress import target_syntax
 from .errors import PolicyBlocked, TransientSendError
 from .pacing import Pacer
-from .transfer import Outcome, Outgoing, Report, ShouldStop, encode, with_syntax
+from .transfer import Outcome, Outgoing, Report, ShouldStop, encode, run_lanes, with_syntax
 
 log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 126  # 128 allowed; two kept for verification and C-FIND
+LANES = 3         # associations sending at once (Orthanc serves 4 by default)
+IDLE_S = 20.0     # below Orthanc's default DicomScpTimeout (30 s)
+FIND_UIDS = 32    # studies per C-FIND (UID list matching)
+FIND = StudyRootQueryRetrieveInformationModelFind
 TRANSIENT_STATUSES = {0x0110, 0x0111, 0x0212, 0xA700, 0xA701, 0xA702, 0xA7FF}
 
 
@@ -58,19 +71,30 @@ class DicomPeer:
     """C-STORE / C-FIND peer for one ``kind = "dicom"`` destination."""
 
     def __init__(self, dest: dict[str, Any], calling_ae: str, timeout_s: int = 30,
-                 ae_factory: Callable[[str], AE] = AE, pacer: Optional[Pacer] = None):
+                 ae_factory: Callable[[str], AE] = AE, pacer: Optional[Pacer] = None,
+                 lanes: int = LANES, idle_s: float = IDLE_S, clock: Callable[[], float] = time.monotonic):
         self.dest = dest
         self.pacer = pacer or Pacer(0)
         self.calling_ae = dest.get("calling_ae") or calling_ae
         self.timeout_s = timeout_s
+        self.lanes = max(1, lanes)
+        self.idle_s = idle_s
         self._ae_factory = ae_factory
+        self._clock = clock
+        self._assocs: list[Any] = []               # open associations, all with the same contexts
+        self._pairs: list[tuple[str, str]] = []    # (SOP class, transfer syntax) proposed on them
+        self._last_used = 0.0
+        self._prepare_lock = threading.Lock()      # loading / de-identifying is not thread-safe
+        self.opened = 0                            # associations opened so far (for tests)
 
-    def _associate(self, contexts: list) -> Any:
+    # -- associations -------------------------------------------------------------------------
+    def _associate(self, pairs: list[tuple[str, str]]) -> Any:
         ae = self._ae_factory(self.calling_ae)
         for attr in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
             setattr(ae, attr, self.timeout_s)
         ae.maximum_pdu_size = 0
         tls = tls_context(self.dest)
+        contexts = [build_context(c, t) for c, t in pairs] + [build_context(FIND)]
         kwargs: dict[str, Any] = {"ae_title": self.dest["called_ae"], "contexts": contexts}
         if tls is not None:
             kwargs["tls_args"] = (tls, self.dest["host"])
@@ -82,12 +106,58 @@ class DicomPeer:
             why = "rejected the association (check called_ae and the peer's allowed AE titles)" \
                 if assoc.is_rejected else "is unreachable or aborted the association"
             raise TransientSendError(f"{self.dest['name']} ({self.dest['host']}:{self.dest['port']}) {why}")
+        self.opened += 1
         return assoc
 
-    def _batches(self, outgoing: list[Outgoing]) -> list[tuple[list[Outgoing], list]]:
-        """Split into associations of at most MAX_CONTEXTS presentation contexts each."""
+    def _open(self, pairs: list[tuple[str, str]], count: int) -> list[Any]:
+        """``count`` established associations proposing (at least) ``pairs``: the open ones if
+        they fit and have not idled out, else new ones (opened in parallel: one round trip)."""
+        idle = self._clock() - self._last_used > self.idle_s
+        if idle or not set(pairs) <= set(self._pairs):
+            self.close()
+            merged = self._pairs + [p for p in pairs if p not in self._pairs]
+            self._pairs = merged if len(merged) <= MAX_CONTEXTS and not idle else list(pairs)
+        self._assocs = [a for a in self._assocs if a.is_established]
+        missing = count - len(self._assocs)
+        if missing > 0:
+            opened: list[Any] = []
+            errors: list[BaseException] = []
+
+            def one() -> None:
+                try:
+                    opened.append(self._associate(self._pairs))
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=one, daemon=True) for _ in range(missing)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            self._assocs += opened
+            if not self._assocs:
+                raise errors[0]
+        self._last_used = self._clock()
+        return self._assocs[:count]
+
+    def _abort(self) -> None:
+        for assoc in self._assocs:
+            if assoc.is_established:
+                assoc.abort()
+        self._assocs = []
+
+    def close(self) -> None:
+        """Release the open associations (they are kept between items until ``idle_s``)."""
+        for assoc in self._assocs:
+            if assoc.is_established:
+                assoc.release()
+        self._assocs = []
+
+    # -- C-STORE --------------------------------------------------------------------------------
+    def _batches(self, outgoing: list[Outgoing]) -> list[tuple[list[Outgoing], list[tuple[str, str]]]]:
+        """Split into groups of at most MAX_CONTEXTS presentation contexts each."""
         wanted = target_syntax(self.dest.get("compress", "none"))
-        batches: list[tuple[list[Outgoing], list]] = []
+        batches: list[tuple[list[Outgoing], list[tuple[str, str]]]] = []
         current: list[Outgoing] = []
         pairs: list[tuple[str, str]] = []
         for o in outgoing:
@@ -95,47 +165,50 @@ class DicomPeer:
                                                            ImplicitVRLittleEndian]
             new = [(o.sop_class_uid, str(ts)) for ts in dict.fromkeys(options) if (o.sop_class_uid, str(ts)) not in pairs]
             if current and len(pairs) + len(new) > MAX_CONTEXTS:
-                batches.append((current, [build_context(c, t) for c, t in pairs]))
+                batches.append((current, pairs))
                 current, pairs = [], [(o.sop_class_uid, str(ts)) for ts in dict.fromkeys(options)]
             else:
                 pairs.extend(new)
             current.append(o)
         if current:
-            batches.append((current, [build_context(c, t) for c, t in pairs]))
+            batches.append((current, pairs))
         return batches
 
     def send(self, outgoing: list[Outgoing], report: Report, should_stop: ShouldStop) -> None:
-        for batch, contexts in self._batches(outgoing):
+        for batch, pairs in self._batches(outgoing):
             if should_stop():
                 return
-            self._send_batch(batch, contexts, report, should_stop)
+            lanes = self._open(pairs, min(self.lanes, len(batch)))
+            try:
+                run_lanes(lanes, batch, self._send_one, report, should_stop)
+            except TransientSendError:
+                self._abort()  # a lane's link is gone: do not wait for polite releases
+                raise
+            finally:
+                self._last_used = self._clock()
 
-    def _send_batch(self, outgoing: list[Outgoing], contexts: list, report: Report, should_stop: ShouldStop) -> None:
-        assoc = self._associate(contexts)
-        try:
-            accepted: dict[str, set[str]] = {}
-            for cx in assoc.accepted_contexts:
-                accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
-            for o in outgoing:
-                if should_stop():
-                    return
-                report([self._send_one(assoc, o, accepted.get(o.sop_class_uid, set()))])
-        finally:
-            if assoc.is_established:
-                assoc.release()
+    def _prepare(self, assoc: Any, o: Outgoing) -> Any:
+        """The dataset in a syntax the association accepts, or the Outcome that stops it."""
+        accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+                    if str(cx.abstract_syntax) == o.sop_class_uid}
+        with self._prepare_lock:
+            try:
+                ds = o.load()
+            except PolicyBlocked as exc:
+                return Outcome(o.sop_instance_uid, "blocked", reason=str(exc))
+            if not accepted:
+                return Outcome(o.sop_instance_uid, "refused",
+                               reason=f"{self.dest['name']} does not accept SOP class {o.sop_class_uid}")
+            ready = with_syntax(ds, accepted, self.dest.get("compress", "none"))
+            if ready is None:
+                return Outcome(o.sop_instance_uid, "refused",
+                               reason=f"{self.dest['name']} accepts no transfer syntax this instance can be sent in")
+            return ready
 
-    def _send_one(self, assoc: Any, o: Outgoing, accepted: set[str]) -> Outcome:
-        try:
-            ds = o.load()
-        except PolicyBlocked as exc:
-            return Outcome(o.sop_instance_uid, "blocked", reason=str(exc))
-        if not accepted:
-            return Outcome(o.sop_instance_uid, "refused",
-                           reason=f"{self.dest['name']} does not accept SOP class {o.sop_class_uid}")
-        ready = with_syntax(ds, accepted, self.dest.get("compress", "none"))
-        if ready is None:
-            return Outcome(o.sop_instance_uid, "refused",
-                           reason=f"{self.dest['name']} accepts no transfer syntax this instance can be sent in")
+    def _send_one(self, assoc: Any, o: Outgoing) -> Outcome:
+        ready = self._prepare(assoc, o)
+        if isinstance(ready, Outcome):
+            return ready
         size = len(encode(ready))
         try:
             status = assoc.send_c_store(ready)
@@ -155,17 +228,34 @@ class DicomPeer:
                            f"{self.dest['name']} refused the dataset: status 0x{code:04X} {comment}".strip())
         return Outcome(o.sop_instance_uid, "sent", size, syntax)
 
-    def present(self, remote_study_uid: str) -> set[str]:
-        """SOP Instance UIDs the peer holds in the study (C-FIND, study root, IMAGE level)."""
-        assoc = self._associate([build_context(StudyRootQueryRetrieveInformationModelFind)])
+    # -- C-FIND ---------------------------------------------------------------------------------
+    def present(self, remote_study_uids: Sequence[str]) -> set[str]:
+        """SOP Instance UIDs the peer holds in these studies (C-FIND, study root, IMAGE level, UID
+        list matching), on an open association when there is one."""
+        uids = list(dict.fromkeys(remote_study_uids))
+        found: set[str] = set()
+        if not uids:
+            return found
+        (assoc,) = self._open(self._pairs, 1)
+        try:
+            for start in range(0, len(uids), FIND_UIDS):
+                found |= self._find(assoc, uids[start:start + FIND_UIDS])
+        except TransientSendError:
+            self._abort()
+            raise
+        finally:
+            self._last_used = self._clock()
+        return found
+
+    def _find(self, assoc: Any, study_uids: list[str]) -> set[str]:
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = study_uids if len(study_uids) > 1 else study_uids[0]
+        query.SeriesInstanceUID = ""
+        query.SOPInstanceUID = ""
         found: set[str] = set()
         try:
-            query = Dataset()
-            query.QueryRetrieveLevel = "IMAGE"
-            query.StudyInstanceUID = remote_study_uid
-            query.SeriesInstanceUID = ""
-            query.SOPInstanceUID = ""
-            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            for status, identifier in assoc.send_c_find(query, FIND):
                 if not status or "Status" not in status:
                     raise TransientSendError(f"{self.dest['name']}: C-FIND got no response")
                 code = int(status.Status)
@@ -175,10 +265,4 @@ class DicomPeer:
                     raise TransientSendError(f"{self.dest['name']}: C-FIND failed with status 0x{code:04X}")
         except (OSError, RuntimeError, ValueError) as exc:
             raise TransientSendError(f"C-FIND to {self.dest['name']} failed: {exc}") from exc
-        finally:
-            if assoc.is_established:
-                assoc.release()
         return found
-
-    def close(self) -> None:
-        """Associations are per attempt; nothing stays open."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import requests
 
@@ -21,8 +21,11 @@ from .pacing import Pacer
 from .transfer import Outcome, Outgoing, Report, ShouldStop, encode, with_syntax
 
 log = logging.getLogger(__name__)
+Entry = tuple[Outgoing, bytes, str]  # an instance ready to go: what, its Part 10 bytes, its syntax
 
 BATCH_BYTES = 8 * 1024 * 1024
+SLICE_BYTES = 64 * 1024  # a request body is written (and paced) in slices of at most this size
+QIDO_UIDS = 24  # studies per QIDO-RS query (keeps the URL under ~2 kB)
 TIMEOUT = (10, 600)  # (connect, read) seconds: a large batch over a slow link takes minutes
 REFERENCED_SOP_SEQ, FAILED_SOP_SEQ = "00081199", "00081198"
 REFERENCED_SOP_UID, FAILURE_REASON = "00081155", "00081197"
@@ -72,7 +75,8 @@ class DicomWebPeer:
 
     # -- STOW-RS --------------------------------------------------------------------------------
     def send(self, outgoing: list[Outgoing], report: Report, should_stop: ShouldStop) -> None:
-        batch: list[tuple[Outgoing, bytes, str]] = []
+        """STOW-RS requests of up to about ``batch_bytes`` each (several studies may share one)."""
+        batch: list[Entry] = []
         size = 0
         for o in outgoing:
             if should_stop():
@@ -94,18 +98,16 @@ class DicomWebPeer:
         if batch:
             self._stow(batch, report)
 
-    def _stow(self, batch: list[tuple[Outgoing, bytes, str]], report: Report) -> None:
-        boundary = uuid.uuid4().hex
-        parts = [b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n"
-                 for _, data, _ in batch]
-        body = b"".join(parts) + b"--" + boundary.encode() + b"--\r\n"
-        response = self._request("POST", "/studies", data=body, headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+    def _stow(self, batch: list[Entry], report: Report) -> None:
+        boundary = uuid.uuid4().hex.encode()
+        parts = [b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n"
+                 for _, data, _ in batch] + [b"--" + boundary + b"--\r\n"]
+        response = self._request("POST", "/studies", data=PacedBody(parts, self.pacer), headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary.decode()}',
             "Accept": "application/dicom+json"})
-        self.pacer.sent(len(body))
         stored, failed = self._parse_stow(response)
         outcomes: list[Outcome] = []
-        unknown: list[tuple[Outgoing, bytes, str]] = []
+        unknown: list[Entry] = []
         for o, data, syntax in batch:
             uid = o.remote_sop_instance_uid
             if uid in stored:
@@ -145,8 +147,10 @@ class DicomWebPeer:
     # -- QIDO-RS / WADO-RS ----------------------------------------------------------------------
     def instances(self, remote_study_uid: str) -> list[dict[str, str]]:
         """The study's instances on the peer: sop_instance_uid, sop_class_uid, series_uid."""
-        response = self._request("GET", f"/studies/{remote_study_uid}/instances",
-                                 headers={"Accept": "application/dicom+json"})
+        return self._qido(f"/studies/{remote_study_uid}/instances")
+
+    def _qido(self, path: str, params: Optional[dict[str, str]] = None) -> list[dict[str, str]]:
+        response = self._request("GET", path, params=params, headers={"Accept": "application/dicom+json"})
         if response.status_code in (204, 404) or not response.content:
             return []
         if response.status_code >= 400:
@@ -158,8 +162,17 @@ class DicomWebPeer:
         return [{"sop_instance_uid": _value(r, SOP_INSTANCE_UID), "sop_class_uid": _value(r, SOP_CLASS_UID),
                  "series_uid": _value(r, SERIES_UID)} for r in rows]
 
-    def present(self, remote_study_uid: str) -> set[str]:
-        return {r["sop_instance_uid"] for r in self.instances(remote_study_uid)}
+    def present(self, remote_study_uids: Sequence[str]) -> set[str]:
+        """Instances listed in any of these studies: one QIDO-RS query per QIDO_UIDS studies
+        (UID list matching, PS3.18 8.3.4.1: comma-separated UIDs)."""
+        uids = list(dict.fromkeys(remote_study_uids))
+        if len(uids) == 1:
+            return {r["sop_instance_uid"] for r in self.instances(uids[0])}
+        found: set[str] = set()
+        for start in range(0, len(uids), QIDO_UIDS):
+            chunk = uids[start:start + QIDO_UIDS]
+            found |= {r["sop_instance_uid"] for r in self._qido("/instances", {"StudyInstanceUID": ",".join(chunk)})}
+        return found
 
     def retrieve(self, study_uid: str, series_uid: str, sop_uid: str) -> bytes:
         """One instance as Part 10 bytes (WADO-RS, multipart/related)."""
@@ -174,6 +187,33 @@ class DicomWebPeer:
 
     def close(self) -> None:
         self.session.close()
+
+
+class PacedBody:
+    """A request body of known length (so the request carries a Content-Length, as every server
+    takes) that the HTTP library reads slice by slice; the rate cap is applied per slice, so a
+    large STOW-RS request is sent at the capped rate instead of in one burst followed by a pause."""
+
+    def __init__(self, parts: list[bytes], pacer: Pacer):
+        self._parts = parts
+        self._length = sum(len(p) for p in parts)
+        self._pacer = pacer
+        self._part = self._offset = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, size: int = -1) -> bytes:
+        if self._part >= len(self._parts):
+            return b""
+        limit = SLICE_BYTES if size is None or size < 0 else min(size, SLICE_BYTES)
+        current = self._parts[self._part]
+        piece = current[self._offset:self._offset + limit]
+        self._offset += len(piece)
+        if self._offset >= len(current):
+            self._part, self._offset = self._part + 1, 0
+        self._pacer.sent(len(piece))
+        return piece
 
 
 def split_multipart(content_type: str, body: bytes) -> list[bytes]:

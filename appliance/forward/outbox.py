@@ -91,29 +91,59 @@ STUDY_READY = (
     "AND NOT EXISTS (SELECT 1 FROM analysis_results r WHERE r.study_uid = o.study_uid "
     "AND r.objects_state IN ('pending', 'building')))"
 )
+# A batch: items of one destination and one priority sent together (one STOW-RS request, one
+# confirming query for all of them) up to about this many bytes of stored files.  Confirmation
+# waits for the whole batch, so it stays a few seconds of link time on slow links.
+BATCH_ITEMS = 50
+BATCH_BYTES = 8 * 1024 * 1024
+
+
+def _sendable(config: Config, now: Optional[datetime]) -> tuple[str, tuple]:
+    """WHERE clause (over ``outbox_items o`` joined with ``destination_state d``) and its
+    parameters: active items whose destination is open, not backed off, and study ready."""
+    stamp = utc_now()
+    open_dests = [d["name"] for d in config["destinations"] if in_window(d["send_window"], now)] or [""]
+    without_ai = [d["name"] for d in config["destinations"] if not d["attach_ai_results"]]
+    ready = f"AND (o.destination IN ({', '.join('?' * len(without_ai))}) OR {STUDY_READY})" if without_ai \
+        else f"AND {STUDY_READY}"
+    where = (f"o.state IN {ACTIVE} AND o.destination IN ({', '.join('?' * len(open_dests))}) "
+             f"AND o.next_attempt_at <= ? AND COALESCE(d.next_attempt_at, '') <= ? {ready}")
+    return where, (*open_dests, stamp, stamp, *without_ai)
+
+
+def claim_batch(database: Database, config: Config, now: Optional[datetime] = None,
+                max_items: int = BATCH_ITEMS, max_bytes: int = BATCH_BYTES) -> list[dict[str, Any]]:
+    """The most pressing item that may be sent now, plus further items of the same destination
+    and the same priority (oldest first) while the batch holds less than ``max_bytes`` of stored
+    files; all marked ``sending``.  Empty if nothing may be sent now."""
+    where, params = _sendable(config, now)
+    source = "FROM outbox_items o LEFT JOIN destination_state d ON d.name = o.destination"
+    size = "(SELECT COALESCE(SUM(i.size), 0) FROM instances i WHERE i.study_uid = o.study_uid)"
+    with database.atomic() as tx:
+        first = tx.execute(f"SELECT o.id, o.destination, o.priority_rank, {size} {source} WHERE {where} "
+                           f"ORDER BY o.priority_rank, o.id LIMIT 1", params).fetchone()
+        if first is None:
+            return []
+        chosen, total = [int(first[0])], int(first[3])
+        if max_items > 1 and total < max_bytes:
+            for item_id, nbytes in tx.execute(
+                    f"SELECT o.id, {size} {source} WHERE {where} AND o.destination = ? AND o.priority_rank = ? "
+                    f"AND o.id != ? ORDER BY o.id LIMIT ?", (*params, first[1], first[2], first[0], max_items - 1)):
+                if total + int(nbytes) > max_bytes:
+                    break
+                chosen.append(int(item_id))
+                total += int(nbytes)
+        stamp = utc_now()
+        tx.execute(f"UPDATE outbox_items SET state = CASE WHEN state = 'queued' THEN 'sending' ELSE state END, "
+                   f"attempts = attempts + 1, updated_at = ? WHERE id IN ({', '.join('?' * len(chosen))})",
+                   (stamp, *chosen))
+    return [item for item in (get_item(database, i) for i in chosen) if item is not None]
 
 
 def claim_next(database: Database, config: Config, now: Optional[datetime] = None) -> Optional[dict[str, Any]]:
     """The most pressing item that may be sent now, marked ``sending``; None if there is none."""
-    stamp = utc_now()
-    open_dests = [d["name"] for d in config["destinations"] if in_window(d["send_window"], now)]
-    if not open_dests:
-        return None
-    marks = ", ".join("?" * len(open_dests))
-    without_ai = [d["name"] for d in config["destinations"] if not d["attach_ai_results"]]
-    ready = f"AND (o.destination IN ({', '.join('?' * len(without_ai))}) OR {STUDY_READY})" if without_ai \
-        else f"AND {STUDY_READY}"
-    with database.atomic() as tx:
-        row = tx.execute(
-            f"SELECT o.id FROM outbox_items o LEFT JOIN destination_state d ON d.name = o.destination "
-            f"WHERE o.state IN {ACTIVE} AND o.destination IN ({marks}) AND o.next_attempt_at <= ? "
-            f"AND COALESCE(d.next_attempt_at, '') <= ? {ready} ORDER BY o.priority_rank, o.id LIMIT 1",
-            (*open_dests, stamp, stamp, *without_ai)).fetchone()
-        if row is None:
-            return None
-        tx.execute("UPDATE outbox_items SET state = CASE WHEN state = 'queued' THEN 'sending' ELSE state END, "
-                   "attempts = attempts + 1, updated_at = ? WHERE id = ?", (stamp, row[0]))
-    return get_item(database, int(row[0]))
+    batch = claim_batch(database, config, now, max_items=1)
+    return batch[0] if batch else None
 
 
 def get_item(database: Database, item_id: int) -> Optional[dict[str, Any]]:
@@ -134,9 +164,10 @@ def set_remote_study(database: Database, item_id: int, remote_study_uid: str) ->
         tx.execute("UPDATE outbox_items SET remote_study_uid = ? WHERE id = ?", (remote_study_uid, item_id))
 
 
-def mark_instances(database: Database, item_id: int, updates: list[dict[str, Any]]) -> None:
-    """Record per-instance outcomes (keys: sop_instance_uid, state, and optionally
-    remote_sop_instance_uid, bytes_sent, transfer_syntax_sent, reason) in one transaction."""
+def mark_instances(database: Database, item_id: Optional[int], updates: list[dict[str, Any]]) -> None:
+    """Record per-instance outcomes (keys: sop_instance_uid, state, and optionally item_id (else
+    ``item_id``), remote_sop_instance_uid, bytes_sent, transfer_syntax_sent, reason) in one
+    transaction."""
     now = utc_now()
     with database.atomic() as tx:
         for u in updates:
@@ -145,7 +176,7 @@ def mark_instances(database: Database, item_id: int, updates: list[dict[str, Any
                 "bytes_sent = COALESCE(?, bytes_sent), transfer_syntax_sent = COALESCE(?, transfer_syntax_sent), "
                 "reason = COALESCE(?, reason), updated_at = ? WHERE item_id = ? AND sop_instance_uid = ?",
                 (u["state"], u.get("remote_sop_instance_uid"), u.get("bytes_sent"), u.get("transfer_syntax_sent"),
-                 u.get("reason"), now, item_id, u["sop_instance_uid"]))
+                 u.get("reason"), now, u.get("item_id", item_id), u["sop_instance_uid"]))
 
 
 def confirm_present(database: Database, item_id: int, remote_present: set[str]) -> int:
@@ -212,8 +243,10 @@ def settle(database: Database, item_id: int) -> str:
     return state
 
 
-def note_failure(database: Database, item_id: int, destination: str, error: str, cap_s: float) -> float:
-    """A transient failure: back the destination off (all its items wait); returns the delay."""
+def note_failure(database: Database, item_ids: int | list[int], destination: str, error: str, cap_s: float) -> float:
+    """A transient failure: back the destination off (all its items wait) once, and note the
+    error on the items that were being attempted; returns the delay."""
+    ids = [item_ids] if isinstance(item_ids, int) else list(item_ids)
     now = utc_now()
     with database.atomic() as tx:
         tx.execute("INSERT OR IGNORE INTO destination_state (name) VALUES (?)", (destination,))
@@ -222,7 +255,8 @@ def note_failure(database: Database, item_id: int, destination: str, error: str,
                               (error, now, destination)).fetchone()[0]
         delay = backoff_s(int(failures), cap_s)
         tx.execute("UPDATE destination_state SET next_attempt_at = ? WHERE name = ?", (_later(delay), destination))
-        tx.execute("UPDATE outbox_items SET last_error = ?, updated_at = ? WHERE id = ?", (error, now, item_id))
+        tx.execute(f"UPDATE outbox_items SET last_error = ?, updated_at = ? WHERE id IN ({', '.join('?' * len(ids))})",
+                   (error, now, *ids))
     return delay
 
 

@@ -41,7 +41,8 @@ class Pacer:
 
     Pacing is applied between datasets (after each C-STORE or STOW batch): the DICOM and HTTP
     libraries own the sockets, and on the slow links this is for, the average over a few datasets
-    is what shares the link with the clinic's other traffic.
+    is what shares the link with the clinic's other traffic.  Thread-safe: parallel senders
+    (several associations) share one budget.
     """
 
     def __init__(self, rate_kbps: int, stop: threading.Event | None = None,
@@ -50,6 +51,7 @@ class Pacer:
         self._stop = stop or threading.Event()
         self._clock = clock
         self._due = clock()
+        self._lock = threading.Lock()
 
     def sent(self, nbytes: int) -> None:
         """Account ``nbytes`` just sent and sleep until the average rate is back under the cap.
@@ -60,7 +62,8 @@ class Pacer:
         if not self.bytes_per_s:
             return
         duration = nbytes / self.bytes_per_s
-        self._due = max(self._due, self._clock() - duration) + duration
-        delay = self._due - self._clock()
+        with self._lock:
+            self._due = max(self._due, self._clock() - duration) + duration
+            delay = self._due - self._clock()
         if delay > 0:
             self._stop.wait(delay)

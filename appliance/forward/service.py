@@ -1,13 +1,16 @@
 """The forwarder inside `appliance serve`: a sender thread over the outbox and a report poller.
 
-One sender thread sends one item at a time, most pressing first; a routine item yields between
-instances when an urgent one is waiting.  Each attempt:
+One sender thread sends one batch at a time, most pressing first: an item plus further items of
+the same destination and priority (``outbox.claim_batch``), so that on a long round trip several
+small studies share one STOW-RS request and one confirming query.  A routine batch yields between
+instances when an urgent item is waiting.  Each attempt:
 
-1. adds the study's instances the item does not list yet (late images, AI results);
+1. adds each study's instances the item does not list yet (late images, AI results);
 2. if anything may already be on the hub (an earlier attempt, a crash), asks the hub which
    instances it holds and marks those confirmed, so only the rest is sent;
 3. sends the pending instances, committing each peer acknowledgement as it arrives;
-4. asks the hub again and confirms what it lists; the item settles (confirmed / failed).
+4. asks the hub again (one query for the batch's studies) and confirms what it lists; each item
+   settles (confirmed / failed).
 
 A transient error ends the attempt and backs the destination off; nothing is ever dropped.
 """
@@ -36,6 +39,7 @@ from .transfer import Outcome, Outgoing, Peer
 log = logging.getLogger(__name__)
 
 RULES_EVERY_S = 2.0
+PEER_IDLE_S = 20.0  # open connections/associations to a destination are closed after this idle time
 PeerFactory = Callable[[dict[str, Any], threading.Event], Peer]
 
 
@@ -54,6 +58,7 @@ class Forwarder(BackgroundService):
         # Peers are kept between items of the same destination: on a long-delay link a new TCP
         # connection (handshake, slow start) per study costs seconds.  Dropped after any error.
         self._peers: dict[str, Peer] = {}
+        self._peer_used: dict[str, float] = {}
 
     @property
     def uids(self) -> UidMap:
@@ -92,6 +97,7 @@ class Forwarder(BackgroundService):
             except Exception:  # noqa: BLE001 - the sender thread must survive anything
                 log.exception("forwarder error")
             if not worked:
+                self.close_idle_peers()
                 self._wake.wait(1.0)
                 self._wake.clear()
 
@@ -111,68 +117,114 @@ class Forwarder(BackgroundService):
 
     # -- one attempt -------------------------------------------------------------------------
     def run_once(self) -> bool:
-        """Claim and attempt one item; False when nothing may be sent now."""
-        item = outbox.claim_next(self.db, self.config)
-        if item is None:
+        """Claim and attempt one batch; False when nothing may be sent now."""
+        batch = outbox.claim_batch(self.db, self.config)
+        if not batch:
             return False
-        self.attempt(item)
+        self.attempt_batch(batch)
         return True
 
     def attempt(self, item: dict[str, Any]) -> str:
-        dest = self.config.destination(item["destination"])
-        outbox.refresh_instances(self.db, item, dest["attach_ai_results"])
-        remote_study = self.uids.uid(item["study_uid"]) if dest["deidentify"] else item["study_uid"]
-        if remote_study != item["remote_study_uid"]:
-            self.uids.flush()
-            outbox.set_remote_study(self.db, item["id"], remote_study)
+        return self.attempt_batch([item])[item["id"]]
+
+    def _peer(self, dest: dict[str, Any]) -> Peer:
         peer = self._peers.get(dest["name"]) or self._peer_factory(dest, self._stop)
         self._peers[dest["name"]] = peer
+        self._peer_used[dest["name"]] = time.monotonic()
+        return peer
+
+    def close_idle_peers(self, idle_s: float = PEER_IDLE_S) -> None:
+        for name, used in list(self._peer_used.items()):
+            if time.monotonic() - used > idle_s:
+                del self._peer_used[name]
+                peer = self._peers.pop(name, None)
+                if peer is not None:
+                    peer.close()
+
+    def attempt_batch(self, items: list[dict[str, Any]]) -> dict[int, str]:
+        """Attempt items of one destination together; returns each item's state afterwards
+        (or ``retry`` / ``interrupted``)."""
+        dest = self.config.destination(items[0]["destination"])
+        remote: dict[int, str] = {}
+        for item in items:
+            outbox.refresh_instances(self.db, item, dest["attach_ai_results"])
+            remote[item["id"]] = self.uids.uid(item["study_uid"]) if dest["deidentify"] else item["study_uid"]
+            if remote[item["id"]] != item["remote_study_uid"]:
+                self.uids.flush()
+                outbox.set_remote_study(self.db, item["id"], remote[item["id"]])
+        ids = [item["id"] for item in items]
+        peer = self._peer(dest)
         try:
-            rows = outbox.instances(self.db, item["id"])
-            self._assign_remote_uids(item, rows, dest)
-            if item["attempts"] > 1 or any(r["state"] == "sent" for r in rows):
-                outbox.confirm_present(self.db, item["id"], peer.present(remote_study))
-            todo = outbox.instances(self.db, item["id"], ("pending",))
+            recheck = []
+            for item in items:
+                rows = outbox.instances(self.db, item["id"])
+                self._assign_remote_uids(item, rows, dest)
+                if item["attempts"] > 1 or any(r["state"] == "sent" for r in rows):
+                    recheck.append(item["id"])
+            if recheck:
+                self._confirm(peer, recheck, remote)
+            owner: dict[str, int] = {}
+            todo: list[Outgoing] = []
+            for item in items:
+                for r in outbox.instances(self.db, item["id"], ("pending",)):
+                    owner[r["sop_instance_uid"]] = item["id"]
+                    todo.append(self._outgoing(r, dest))
             stopped = False
 
             def should_stop() -> bool:
                 nonlocal stopped
-                stopped = stopped or self._stop.is_set() or self._interrupted(item)
+                stopped = stopped or self._stop.is_set() or self._interrupted(items)
                 return stopped
 
             if todo:
-                peer.send([self._outgoing(r, dest) for r in todo],
-                          lambda outcomes: self._record(item["id"], outcomes), should_stop)
+                peer.send(todo, lambda outcomes: self._record(owner, outcomes), should_stop)
             if stopped:
-                return "interrupted"
-            confirmed = outbox.confirm_present(self.db, item["id"], peer.present(remote_study))
+                return {i: "interrupted" for i in ids}
+            confirmed = self._confirm(peer, ids, remote)
             outbox.note_success(self.db, dest["name"])
         except TransientSendError as exc:
             self._peers.pop(dest["name"], None)
             peer.close()
-            delay = outbox.note_failure(self.db, item["id"], dest["name"], str(exc), dest["retry_max_s"])
-            log.warning("outbox item %d: %s; retry in %.0fs", item["id"], exc, delay)
-            return "retry"
+            delay = outbox.note_failure(self.db, ids, dest["name"], str(exc), dest["retry_max_s"])
+            log.warning("outbox items %s: %s; retry in %.0fs", ids, exc, delay)
+            return {i: "retry" for i in ids}
         except BaseException:
             self._peers.pop(dest["name"], None)
             peer.close()
             raise
-        state = outbox.settle(self.db, item["id"])
-        if state in ("sending", "delivered"):
+        states = {i: outbox.settle(self.db, i) for i in ids}
+        unlisted = [i for i, state in states.items() if state in ("sending", "delivered")]
+        if unlisted:
             # Acknowledged but not listed by the hub: not confirmed, so try again later.
-            outbox.note_failure(self.db, item["id"], dest["name"],
+            outbox.note_failure(self.db, unlisted, dest["name"],
                                 f"{dest['name']} does not list every acknowledged instance yet", dest["retry_max_s"])
-        log.info("outbox item %d to %s: %s (%d confirmed)", item["id"], dest["name"], state, confirmed)
-        return state
+        log.info("outbox items to %s: %s (%d instances confirmed)", dest["name"], states, confirmed)
+        return states
 
-    def _interrupted(self, item: dict[str, Any]) -> bool:
-        """Cancelled meanwhile, or a routine item with an urgent one waiting."""
-        row = self.db.query("SELECT state FROM outbox_items WHERE id = ?", (item["id"],))
-        if not row or row[0]["state"] not in outbox.ACTIVE:
+    def _confirm(self, peer: Peer, item_ids: list[int], remote: dict[int, str]) -> int:
+        """One query for the studies of ``item_ids``; instances listed become confirmed.  Should a
+        many-study query miss acknowledged instances (a peer without UID list matching, or one
+        that truncates answers), their studies are asked one by one before anything is resent."""
+        present = peer.present([remote[i] for i in item_ids])
+        confirmed = 0
+        for i in item_ids:
+            if len(item_ids) > 1 and any(r["state"] == "sent" and r["remote_sop_instance_uid"] not in present
+                                         for r in outbox.instances(self.db, i, ("sent",))):
+                present |= peer.present([remote[i]])
+            confirmed += outbox.confirm_present(self.db, i, present)
+        return confirmed
+
+    def _interrupted(self, items: list[dict[str, Any]]) -> bool:
+        """An item cancelled meanwhile, or a routine batch with an urgent item waiting."""
+        ids = [item["id"] for item in items]
+        marks = ", ".join("?" * len(ids))
+        active = self.db.query(f"SELECT COUNT(*) AS n FROM outbox_items WHERE id IN ({marks}) "
+                               f"AND state IN {outbox.ACTIVE}", tuple(ids))[0]["n"]
+        if active < len(ids):
             return True
-        if item["priority_rank"] > 0:
+        if min(item["priority_rank"] for item in items) > 0:
             urgent = self.db.query(f"SELECT 1 FROM outbox_items WHERE state IN {outbox.ACTIVE} AND priority_rank = 0 "
-                                   f"AND id != ? LIMIT 1", (item["id"],))
+                                   f"AND id NOT IN ({marks}) LIMIT 1", tuple(ids))
             return bool(urgent)
         return False
 
@@ -204,10 +256,13 @@ class Forwarder(BackgroundService):
         return Outgoing(row["sop_instance_uid"], row["remote_sop_instance_uid"], row["sop_class_uid"],
                         row["transfer_syntax"], load)
 
-    def _record(self, item_id: int, outcomes: list[Outcome]) -> None:
-        outbox.mark_instances(self.db, item_id, [
-            {"sop_instance_uid": o.sop_instance_uid, "state": o.state, "bytes_sent": o.bytes_sent,
-             "transfer_syntax_sent": o.transfer_syntax, "reason": o.reason} for o in outcomes])
+    def _record(self, owner: dict[str, int], outcomes: list[Outcome]) -> None:
+        """Commit the outcomes, each under the item its instance belongs to, in one transaction."""
+        outbox.mark_instances(self.db, None, [
+            {"item_id": owner[o.sop_instance_uid], "sop_instance_uid": o.sop_instance_uid, "state": o.state,
+             "bytes_sent": o.bytes_sent, "transfer_syntax_sent": o.transfer_syntax, "reason": o.reason}
+            for o in outcomes])
         for o in outcomes:
             if o.state != "sent":
-                log.warning("outbox item %d: instance %s %s: %s", item_id, o.sop_instance_uid, o.state, o.reason)
+                log.warning("outbox item %d: instance %s %s: %s", owner[o.sop_instance_uid], o.sop_instance_uid,
+                            o.state, o.reason)

@@ -4,12 +4,18 @@ A peer (``dicom_peer.DicomPeer``, ``dicomweb.DicomWebPeer``) sends a list of :cl
 instances and reports one :class:`Outcome` per instance as it goes, so the outbox can commit
 progress instance by instance.  A transient problem (link down, peer busy) is raised as
 ``TransientSendError`` and ends the attempt; per-instance refusals are outcomes, not exceptions.
+
+A peer may send on several connections at once (:func:`run_lanes`): every instance still waits
+for its own answer, but while one connection waits a round trip for it, another keeps the link busy.
 """
 from __future__ import annotations
 
 import io
+import queue
+import threading
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -48,9 +54,63 @@ ShouldStop = Callable[[], bool]
 class Peer(Protocol):
     def send(self, outgoing: list[Outgoing], report: Report, should_stop: ShouldStop) -> None: ...
 
-    def present(self, remote_study_uid: str) -> set[str]: ...
+    def present(self, remote_study_uids: Sequence[str]) -> set[str]:
+        """Remote SOP Instance UIDs the peer lists in any of these studies (one query per few dozen)."""
+        ...
 
     def close(self) -> None: ...
+
+
+def run_lanes(lanes: Sequence[Any], outgoing: list[Outgoing], send_one: Callable[[Any, Outgoing], Outcome],
+              report: Report, should_stop: ShouldStop) -> None:
+    """Send ``outgoing`` in order over ``lanes`` (one thread each; ``send_one(lane, o)`` sends one
+    instance and waits for its answer).  Outcomes are reported from the calling thread one by one
+    as they arrive, and ``should_stop`` is asked there after each; once it says stop, or a lane
+    raises, no further instance is started and the first exception is re-raised when all lanes
+    have finished the instance they were sending."""
+    work = deque(outgoing)
+    lock = threading.Lock()
+    results: "queue.Queue[Any]" = queue.Queue()
+    halt = threading.Event()
+    done = object()
+
+    def lane(handle: Any) -> None:
+        try:
+            while not halt.is_set():
+                with lock:
+                    if not work:
+                        break
+                    o = work.popleft()
+                results.put(send_one(handle, o))
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            halt.set()
+            results.put(exc)
+        finally:
+            results.put(done)
+
+    threads = [threading.Thread(target=lane, args=(h,), name=f"forward-lane-{n}", daemon=True)
+               for n, h in enumerate(lanes)]
+    for t in threads:
+        t.start()
+    error: Optional[BaseException] = None
+    finished = 0
+    try:
+        while finished < len(threads):
+            result = results.get()
+            if result is done:
+                finished += 1
+            elif isinstance(result, BaseException):
+                error = error or result
+            else:  # acknowledged even if another lane failed meanwhile: worth recording
+                report([result])
+                if should_stop():
+                    halt.set()
+    finally:
+        halt.set()
+        for t in threads:
+            t.join()
+    if error is not None:
+        raise error
 
 
 def encode(ds: Dataset) -> bytes:
