@@ -11,7 +11,7 @@ Figures: goodput = DICOM bytes delivered (as encoded on the wire) / time to drai
 of the link rate; bytes on the wire (both directions, counted by the proxy) vs the raw files;
 time to drain (first byte queued -> last instance confirmed, confirmation queries included).
 
-    .venv/bin/python scripts/bench_forward.py [--studies 6] [--rate-kbps 2000] [--delay-ms 300]
+    .venv/bin/python scripts/bench_forward.py [--studies 6] [--rate-kbps 2000] [--delay-ms 300] [--chest-size 512]
 """
 from __future__ import annotations
 
@@ -133,8 +133,11 @@ def _serve_link(target_port: int, listen_port: int, rate: float, delay: float, c
     asyncio.run(main())
 
 
-def make_files(out: Path, n: int) -> list[Path]:
-    chest, ct = small_chest(512), pydicom.dcmread(sample("CT_small.dcm"))
+def make_files(out: Path, n: int, chest_size: int = 512) -> list[Path]:
+    """``n`` studies of a chest CR (area-resized to ``chest_size``; 0 = the full-size 7.2 MB CR)
+    and a small CT slice each."""
+    chest = small_chest(chest_size) if chest_size else pydicom.dcmread(sample("RG1_UNCR.dcm"))
+    ct = pydicom.dcmread(sample("CT_small.dcm"))
     files = []
     for i in range(n):
         first = new_study(chest, out / f"{i:02d}-cr.dcm", PatientID=f"B{i:02d}")
@@ -181,10 +184,11 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=6)
     parser.add_argument("--rate-kbps", type=int, default=2000)
     parser.add_argument("--delay-ms", type=int, default=300)
+    parser.add_argument("--chest-size", type=int, default=512, help="CR matrix size; 0 = full-size CR (7.2 MB)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        files = make_files(tmp_path / "files", args.studies)
+        files = make_files(tmp_path / "files", args.studies, args.chest_size)
         raw = sum(f.stat().st_size for f in files)
         print(f"link: {args.rate_kbps} kbit/s each way, {args.delay_ms} ms one-way delay each way "
               f"(RTT {2 * args.delay_ms} ms), no loss; {len(files)} instances in {args.studies} studies, "
