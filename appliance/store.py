@@ -28,6 +28,7 @@ and recorded in ``superseded_instances`` for audit.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -72,6 +73,32 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _syncfs_function() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _syncfs_function()
+
+
+def _sync_directories(data_dir: Path, directories: set[Path]) -> None:
+    """Make the entries of ``directories`` durable.  One directory: fsync it.  Several (a new
+    study adds its study and series directories): one ``syncfs`` of the data directory's file
+    system, which flushes them all with a single device flush instead of one flush per fsync."""
+    if len(directories) > 1 and _SYNCFS is not None:
+        fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _SYNCFS(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for directory in directories:
+        _fsync_dir(directory)
 
 
 def _makedirs(path: Path, to_sync: set[Path]) -> None:
@@ -273,8 +300,7 @@ class InstanceStore:
                 placed.append((p, *result))
         if not placed:
             return
-        for directory in to_sync:
-            _fsync_dir(directory)
+        _sync_directories(self.data_dir, to_sync)
         with self.db.atomic() as tx:
             for p, final, action, superseded_row in placed:
                 index_instance(tx, p.ds, p.ids, final, p.size, p.sha, p.calling_ae, p.source, now)
