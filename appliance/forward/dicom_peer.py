@@ -19,6 +19,7 @@ SOP class not supported...) is an explicit refusal of that dataset.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -52,6 +53,26 @@ def status_class(code: int) -> str:
     if code in TRANSIENT_STATUSES or (code & 0xFF00) == 0xA700:
         return "transient"
     return "refused"
+
+
+def tls_problem(context: ssl.SSLContext, host: str, port: int, timeout_s: float = 5.0) -> str:
+    """Why a TLS connection to the peer fails; '' if it does not, or the peer is unreachable.
+    pynetdicom only logs a failed handshake, so this asks once more after an association failed."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as conn:
+                conn.settimeout(1.0)  # TLS 1.3: a refused client certificate arrives as an alert on the first read
+                try:
+                    conn.recv(1)
+                except (socket.timeout, TimeoutError):
+                    pass
+    except ssl.SSLCertVerificationError as exc:
+        return f"certificate verify failed: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        return f"{exc.reason or exc}".replace("_", " ").lower()
+    except OSError:
+        return ""
+    return ""
 
 
 def tls_context(dest: dict[str, Any]) -> Optional[ssl.SSLContext]:
@@ -103,6 +124,10 @@ class DicomPeer:
         except (OSError, ValueError, RuntimeError) as exc:
             raise TransientSendError(f"cannot connect to {self.dest['name']}: {exc}") from exc
         if not assoc.is_established:
+            problem = tls_problem(tls, self.dest["host"], int(self.dest["port"])) if tls and not assoc.is_rejected else ""
+            if problem:
+                raise TransientSendError(f"{self.dest['name']} ({self.dest['host']}:{self.dest['port']}): TLS handshake "
+                                         f"failed: {problem} (check tls_ca, tls_cert and tls_key)")
             why = "rejected the association (check called_ae and the peer's allowed AE titles)" \
                 if assoc.is_rejected else "is unreachable or aborted the association"
             raise TransientSendError(f"{self.dest['name']} ({self.dest['host']}:{self.dest['port']}) {why}")

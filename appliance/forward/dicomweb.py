@@ -65,7 +65,10 @@ class DicomWebPeer:
     # -- HTTP boundary: every requests exception becomes a TransientSendError here --------------
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         try:
-            response = self.session.request(method, self.base + path, timeout=TIMEOUT, **kwargs)
+            # verify is passed per request: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE
+            # override a session's verify, which would silently replace the destination's tls_ca.
+            response = self.session.request(method, self.base + path, timeout=TIMEOUT, verify=self.session.verify,
+                                            **kwargs)
         except requests.RequestException as exc:
             raise TransientSendError(f"{self.dest['name']}: {method} failed: {type(exc).__name__}") from exc
         if response.status_code >= 500 or response.status_code in (401, 403, 407, 408, 429):

@@ -116,8 +116,6 @@ def test_dicom_tls_without_client_certificate_keeps_retrying(tmp_path, orthanc_f
     assert hub.instance_count() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="dicom_peer.DicomPeer._associate reports every TLS handshake failure as "
-                                       "'is unreachable or aborted the association'; see the forwarding test report")
 def test_dicom_tls_wrong_ca_error_names_the_certificate_problem(tmp_path, orthanc_factory, pki):
     hub = tls_orthanc(orthanc_factory, pki)
     box = make_box(tmp_path, dicom_tls_destination(hub, pki, pki.other_ca))
@@ -128,15 +126,7 @@ def test_dicom_tls_wrong_ca_error_names_the_certificate_problem(tmp_path, orthan
 
 
 # -- DICOMweb over HTTPS ----------------------------------------------------------------------------
-@pytest.fixture
-def plain_environment(monkeypatch):
-    """No CA bundle from the environment: requests would let REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE
-    override the destination's tls_ca (see the xfail test at the end)."""
-    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
-        monkeypatch.delenv(name, raising=False)
-
-
-def test_https_basic_auth_delivers_and_a_wrong_password_is_an_error(tmp_path, orthanc, pki, plain_environment):
+def test_https_basic_auth_delivers_and_a_wrong_password_is_an_error(tmp_path, orthanc, pki):
     proxy = HttpsProxy(orthanc, pki)
     try:
         box = make_box(tmp_path, dicomweb_destination(proxy.url, pki.ca, f'username = "{USER}"'),
@@ -158,7 +148,7 @@ def test_https_basic_auth_delivers_and_a_wrong_password_is_an_error(tmp_path, or
         proxy.close()
 
 
-def test_https_bearer_token_from_environment(tmp_path, orthanc, pki, plain_environment):
+def test_https_bearer_token_from_environment(tmp_path, orthanc, pki):
     proxy = HttpsProxy(orthanc, pki, token=TOKEN)
     try:
         box = make_box(tmp_path, dicomweb_destination(proxy.url, pki.ca, ""),
@@ -179,7 +169,7 @@ def test_https_bearer_token_from_environment(tmp_path, orthanc, pki, plain_envir
         proxy.close()
 
 
-def test_https_untrusted_server_certificate_keeps_retrying(tmp_path, orthanc, pki, plain_environment):
+def test_https_untrusted_server_certificate_keeps_retrying(tmp_path, orthanc, pki):
     proxy = HttpsProxy(orthanc, pki)
     try:
         box = make_box(tmp_path, dicomweb_destination(proxy.url, pki.other_ca, f'username = "{USER}"'),
@@ -192,8 +182,6 @@ def test_https_untrusted_server_certificate_keeps_retrying(tmp_path, orthanc, pk
         proxy.close()
 
 
-@pytest.mark.xfail(strict=True, reason="dicomweb.make_session sets session.verify = tls_ca, which requests lets "
-                                       "REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override; see the forwarding test report")
 def test_tls_ca_wins_over_a_ca_bundle_from_the_environment(tmp_path, orthanc, pki, monkeypatch):
     import certifi
 
