@@ -67,8 +67,8 @@ class DicomWebPeer:
         try:
             # verify is passed per request: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE
             # override a session's verify, which would silently replace the destination's tls_ca.
-            response = self.session.request(method, self.base + path, timeout=TIMEOUT, verify=self.session.verify,
-                                            **kwargs)
+            verify = getattr(self.session, "verify", True)
+            response = self.session.request(method, self.base + path, timeout=TIMEOUT, verify=verify, **kwargs)
         except requests.RequestException as exc:
             raise TransientSendError(f"{self.dest['name']}: {method} failed: {type(exc).__name__}") from exc
         if response.status_code >= 500 or response.status_code in (401, 403, 407, 408, 429):
