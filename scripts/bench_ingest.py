@@ -7,8 +7,10 @@ is sent with dcmtk's ``dcmsend`` (which proposes each file's own transfer syntax
 parallel associations on 127.0.0.1 to, in one run and each with fresh empty storage:
 
   sink          dcmtk ``storescp --ignore``: receives and discards; the senders' own ceiling
-  appliance     ``appliance serve``: temp file, fsync file + directory, rename, SQLite commit
-                (WAL, synchronous=FULL) before answering success
+  appliance     ``appliance serve`` as configured by default (``dicom.processes`` = one
+                receiving process per core): temp file, fsync file, rename, directories made
+                durable (fsync, or one syncfs for several), SQLite commit (WAL,
+                synchronous=FULL) before answering success
   storescp      dcmtk ``storescp +B --fork``: writes each file as received, no fsync
   orthanc       Orthanc with its SQLite index and filesystem storage (``SyncStorageArea``)
   orthanc-nagle the same Orthanc without TCP_NODELAY, i.e. as Debian ships it (see below)
@@ -366,7 +368,7 @@ class Appliance(Target):
 
     name = "appliance"
     called_ae = "EDGE"
-    durability = "file fsync, rename, dir fsyncs, index commit synced (WAL, synchronous=FULL)"
+    durability = "file fsync, rename, dir fsync/syncfs, index commit synced (WAL, synchronous=FULL)"
 
     def __init__(self, workdir: Path):
         super().__init__(workdir)

@@ -14,11 +14,11 @@ from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -31,35 +31,14 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 
 from ..config import Config
 from ..errors import InvalidDatasetError, OutOfSpaceError
 from ..store import InstanceStore, parse_part10
+from . import netpatch  # noqa: F401 - installs its pynetdicom changes on import
 
 log = logging.getLogger(__name__)
-
-def _recv_exact(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """Read ``nr_bytes`` from the socket straight into one buffer.
-
-    pynetdicom's own ``AssociationSocket.recv`` reads in 4 KiB pieces and appends each to a
-    bytearray: for a 7 MB radiograph that is ~1,800 Python-level calls holding the GIL, which
-    profiling showed to be the largest single cost of receiving.  Same contract: blocks until
-    ``nr_bytes`` are read, returns what was read so far if the peer closes the connection.
-    """
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
-    nr_read = 0
-    while nr_read < nr_bytes:
-        count = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)  # type: ignore[union-attr]
-        if not count:
-            del view
-            return buffer[:nr_read]
-        nr_read += count
-    return buffer
-
-
-AssociationSocket.recv = _recv_exact  # type: ignore[method-assign]
 
 # pynetdicom's own "standard" event log prints DIMSE details and, at debug level, whole
 # datasets; our handlers log what is needed without patient data.

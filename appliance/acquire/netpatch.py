@@ -1,0 +1,182 @@
+"""Two changes to pynetdicom's transport, installed on import: receive PDUs into one buffer, and
+let its reactor threads wait for something to happen instead of polling every millisecond.
+
+pynetdicom runs two polling loops per association: the DUL thread checks the socket and its send
+queue, sleeping 1 ms whenever there is nothing to do, and the association thread checks for
+decoded messages the same way.  Four idle associations cost a quarter of a CPU core that way,
+and the box has two to six cores shared with image analysis.  Here those two 1 ms sleeps (and
+only those) become waits that end as soon as there is work:
+
+* the DUL thread waits on its socket and on a wake-up socket that ``send_pdu`` writes to;
+* an acceptor's association thread waits on an event that its state machine sets after every
+  action (a requestor's keeps polling: its user thread pauses the reactor between operations).
+
+Every wait is capped (:data:`MAX_WAIT_S`), so a condition nobody signals (a timer, a kill flag)
+is still seen within that time, as it was seen within 1 ms before: behaviour is the same,
+only later by at most the cap in those rare cases.
+"""
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+from pynetdicom import association as _association
+from pynetdicom import dul as _dul
+from pynetdicom import fsm as _fsm
+from pynetdicom.transport import AssociationSocket
+
+MAX_WAIT_S = 0.05
+_REACTOR_SLEEP_S = 0.001  # the association reactor's own poll interval (association.py)
+
+
+def _recv_exact(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """Read ``nr_bytes`` from the socket straight into one buffer.
+
+    pynetdicom's own ``AssociationSocket.recv`` reads in 4 KiB pieces and appends each to a
+    bytearray: for a 7 MB radiograph that is ~1,800 Python-level calls holding the GIL, which
+    profiling showed to be the largest single cost of receiving.  Same contract: blocks until
+    ``nr_bytes`` are read, returns what was read so far if the peer closes the connection.
+    """
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    nr_read = 0
+    while nr_read < nr_bytes:
+        count = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)  # type: ignore[union-attr]
+        if not count:
+            del view
+            return buffer[:nr_read]
+        nr_read += count
+    return buffer
+
+
+class _Waker:
+    """A socket pair: writing to one end makes the other readable, for select()."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+
+    def wake(self) -> None:
+        try:
+            self.writer.send(b"\0")
+        except OSError:  # buffer full (already awake) or closed
+            pass
+
+    def drain(self) -> None:
+        try:
+            while self.reader.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+_create_lock = threading.Lock()
+
+
+def _waker(dul: Any) -> _Waker:
+    waker = dul.__dict__.get("_edge_waker")
+    if waker is None:
+        with _create_lock:
+            waker = dul.__dict__.setdefault("_edge_waker", _Waker())
+    return waker
+
+
+def _event(assoc: Any) -> threading.Event:
+    event = assoc.__dict__.get("_edge_event")
+    if event is None:
+        with _create_lock:
+            event = assoc.__dict__.setdefault("_edge_event", threading.Event())
+    return event
+
+
+def _dul_wait(dul: Any) -> None:
+    """The DUL thread is idle: wait for incoming data or a primitive to send."""
+    sock = getattr(dul.socket, "socket", None) if dul.socket is not None else None
+    if sock is None or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+        time.sleep(_REACTOR_SLEEP_S)
+        return
+    waker = _waker(dul)
+    if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
+        return
+    try:
+        select.select([sock, waker.reader], [], [], MAX_WAIT_S)
+    except (OSError, ValueError):  # socket closed under us: let the reactor find out
+        return
+    waker.drain()
+
+
+def _assoc_wait(assoc: Any) -> None:
+    """The association thread is idle: wait until its state machine has done something."""
+    event = _event(assoc)
+    dimse, dul = getattr(assoc, "dimse", None), getattr(assoc, "dul", None)
+    if dimse is None or dul is None or not dimse.msg_queue.empty() or not dul.to_user_queue.empty():
+        return
+    event.wait(MAX_WAIT_S)
+    event.clear()
+
+
+class _TimeForDul:
+    """``time`` as pynetdicom.dul sees it: its idle sleep becomes :func:`_dul_wait`."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        thread = threading.current_thread()
+        if isinstance(thread, _dul.DULServiceProvider) and seconds == thread._run_loop_delay:
+            _dul_wait(thread)
+        else:
+            time.sleep(seconds)
+
+
+class _TimeForAssociation:
+    """``time`` as pynetdicom.association sees it: the reactor's poll becomes :func:`_assoc_wait`."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        thread = threading.current_thread()
+        # Acceptors only: a requestor's user thread pauses the reactor (send_c_store and the
+        # like spin until it reaches its checkpoint), which must stay a 1 ms poll.
+        if isinstance(thread, _association.Association) and seconds == _REACTOR_SLEEP_S and thread.is_acceptor:
+            _assoc_wait(thread)
+        else:
+            time.sleep(seconds)
+
+
+_original_send_pdu = _dul.DULServiceProvider.send_pdu
+_original_do_action = _fsm.StateMachine.do_action
+
+
+def _send_pdu(self: Any, primitive: Any) -> None:
+    _original_send_pdu(self, primitive)
+    _waker(self).wake()
+
+
+def _do_action(self: Any, event: str) -> None:
+    try:
+        _original_do_action(self, event)
+    finally:
+        assoc = getattr(self.dul, "assoc", None)
+        if assoc is not None:
+            _event(assoc).set()
+
+
+def install() -> None:
+    """Apply both changes (idempotent)."""
+    AssociationSocket.recv = _recv_exact  # type: ignore[method-assign]
+    _dul.DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
+    _fsm.StateMachine.do_action = _do_action  # type: ignore[method-assign]
+    _dul.time = _TimeForDul()  # type: ignore[attr-defined, assignment]
+    _association.time = _TimeForAssociation()  # type: ignore[attr-defined, assignment]
+
+
+install()
