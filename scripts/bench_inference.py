@@ -110,10 +110,12 @@ def measure(run: Callable[[np.ndarray], Any], shape: tuple[int, ...], iters1: in
             "throughput": 8.0 / batch_time}
 
 
-def ort_runner(path: Path, threads: int) -> Callable[[np.ndarray], Any]:
+def ort_runner(path: Path, threads: int, spin: bool = False) -> Callable[[np.ndarray], Any]:
+    """The appliance's own ONNX Runtime backend; ``spin`` lets idle intra-op threads spin (ONNX
+    Runtime's default; the appliance turns it off because it shares its cores)."""
     from appliance.analyze.backends.onnxruntime import OnnxRuntimeBackend
 
-    backend = OnnxRuntimeBackend(threads=threads)
+    backend = OnnxRuntimeBackend(threads=threads, spin=spin)
     backend.load(path, "int8" if "int8" in path.name else "fp32")
     import onnx
 
@@ -186,7 +188,8 @@ def bench_densenet(threads: int, rows: list[list[str]], iters1: int, iters8: int
                 return model(torch.from_numpy(x))
 
         configs = [("PyTorch eager FP32", eager), ("ONNX Runtime FP32", ort_runner(fp32, threads)),
-                   ("ONNX Runtime INT8 (QDQ)", ort_runner(int8, threads))]
+                   ("ONNX Runtime INT8 (QDQ)", ort_runner(int8, threads)),
+                   ("ONNX Runtime INT8 (QDQ), threads spinning", ort_runner(int8, threads, spin=True))]
         base = None
         for label, run in configs:
             m = measure(run, shape, iters1, iters8)

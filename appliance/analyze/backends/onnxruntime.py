@@ -18,8 +18,9 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, threads: int = 2) -> None:
+    def __init__(self, threads: int = 2, spin: bool = False) -> None:
         self.threads = threads
+        self.spin = spin
         self.precision: Optional[str] = None
         self._session: Any = None
 
@@ -42,9 +43,10 @@ class OnnxRuntimeBackend(Backend):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        # Idle intra-op threads sleep instead of spinning: the box receives, serves the UI and
-        # analyzes at the same time on a few cores, and a spinning pool starves the others.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Idle intra-op threads sleep instead of spinning (unless ``spin``): the box receives,
+        # serves the UI and analyzes at the same time on a few cores, and a spinning pool starves
+        # the others.  Spinning is faster only for a process that has the cores to itself.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         try:
             self._session = ort.InferenceSession(str(model_path), sess_options=options,
                                                  providers=["CPUExecutionProvider"])
