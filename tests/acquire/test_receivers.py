@@ -59,23 +59,27 @@ def _wait_for(predicate, timeout: float = 20.0) -> bool:
     return predicate()
 
 
+def _store_over_parallel_associations(port: int, datasets: list) -> None:
+    """One association per dataset, all open at once, then one C-STORE on each."""
+    ae = AE(ae_title=CALLING_AE)
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assocs = [ae.associate("127.0.0.1", port, ae_title="EDGE") for _ in datasets]
+    try:
+        assert all(a.is_established for a in assocs)
+        for assoc, ds in zip(assocs, datasets):
+            assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        for assoc in assocs:
+            assoc.release()
+
+
 def test_concurrent_associations_are_spread_over_the_processes(server_factory, tmp_path):
     server = server_factory(extra_env={"APPLIANCE_DICOM_PROCESSES": "3"}).start()
     assert _wait_for(lambda: len(_receiving_children(server.proc.pid)) == 2)
     files = write_fresh_copies([pydicom.dcmread(sample("CT_small.dcm"))] * 3, tmp_path / "send")
     datasets = [pydicom.dcmread(f) for f in files]
-    ae = AE(ae_title=CALLING_AE)
-    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
     # Three associations open at once: one per process (helpers first, then the main process).
-    assocs = [ae.associate("127.0.0.1", server.dicom_port, ae_title="EDGE") for _ in datasets]
-    try:
-        assert all(a.is_established for a in assocs)
-        for assoc, ds in zip(assocs, datasets):
-            status = assoc.send_c_store(ds)
-            assert status.Status == 0x0000
-    finally:
-        for assoc in assocs:
-            assoc.release()
+    _store_over_parallel_associations(server.dicom_port, datasets)
     assert _stored_rows(server.data_dir) == {str(ds.SOPInstanceUID) for ds in datasets}
     tags = sorted(m.group(1) or "main" for m in STORED_LINE.finditer(server.log_path.read_text()))
     assert tags == ["[receiver-1]", "[receiver-2]", "main"]
@@ -105,15 +109,7 @@ def test_a_helper_that_dies_is_replaced(server_factory, tmp_path):
     # Both processes serve again: two associations at once are both stored.
     files = write_fresh_copies([pydicom.dcmread(sample("CT_small.dcm"))] * 2, tmp_path / "send")
     datasets = [pydicom.dcmread(f) for f in files]
-    ae = AE(ae_title=CALLING_AE)
-    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
-    assocs = [ae.associate("127.0.0.1", server.dicom_port, ae_title="EDGE") for _ in datasets]
-    try:
-        for assoc, ds in zip(assocs, datasets):
-            assert assoc.send_c_store(ds).Status == 0x0000
-    finally:
-        for assoc in assocs:
-            assoc.release()
+    _store_over_parallel_associations(server.dicom_port, datasets)
     assert _stored_rows(server.data_dir) == {str(ds.SOPInstanceUID) for ds in datasets}
     log = server.log_path.read_text()
     assert len(re.findall(r"scp\[receiver-1\]: C-STORE from \S+: stored", log)) == 1
