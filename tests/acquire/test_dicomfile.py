@@ -1,0 +1,79 @@
+"""parse_part10: what the door accepts can be read completely later; what it refuses says why."""
+from __future__ import annotations
+
+import random
+
+import pydicom
+import pytest
+
+from appliance.dicomfile import parse_part10
+from appliance.errors import InvalidDatasetError
+from tests.acquire.test_scp_bad_input import split_part10
+from tests.helpers import sample
+
+ROWS_EXPLICIT = b"\x28\x00\x10\x00US\x02\x00"  # (0028,0010) Rows, US, 2 bytes
+
+
+def _reads_completely(data: bytes) -> None:
+    from io import BytesIO
+
+    for _elem in pydicom.dcmread(BytesIO(data)).iterall():
+        pass
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm",
+                                  "test-SR.dcm", "rtplan.dcm", "OBXXXX1A_rle.dcm"])
+def test_real_files_are_accepted(name):
+    ds = parse_part10(sample(name).read_bytes())
+    assert ds.SOPInstanceUID
+
+
+def test_a_number_of_the_wrong_length_is_refused():
+    data = sample("CT_small.dcm").read_bytes()
+    at = data.index(ROWS_EXPLICIT)
+    bad = data[:at] + b"\x28\x00\x10\x00US\x03\x00" + data[at + 8:at + 10] + b"\x00" + data[at + 10:]
+    with pytest.raises(InvalidDatasetError, match=r"\(0028,0010\) \(US\) is 3 bytes long"):
+        parse_part10(bad)
+
+
+def test_an_unknown_vr_is_refused():
+    data = sample("CT_small.dcm").read_bytes()
+    at = data.index(ROWS_EXPLICIT)
+    bad = data[:at + 4] + b"QQ" + data[at + 6:]
+    with pytest.raises(InvalidDatasetError, match="cannot parse dataset"):
+        parse_part10(bad)
+
+
+def test_a_garbled_nested_sequence_is_refused():
+    ds = pydicom.dcmread(sample("rtplan.dcm"))
+    assert any(e.VR == "SQ" for e in ds)
+    data = sample("rtplan.dcm").read_bytes()
+    # Inside the first item of the first sequence, turn an item's length into nonsense.
+    first_item = data.index(b"\xfe\xff\x00\xe0", 300)
+    bad = data[:first_item + 4] + b"\xff\xff\xff\x7f" + data[first_item + 8:]
+    with pytest.raises(InvalidDatasetError):
+        parse_part10(bad)
+
+
+def test_whatever_is_accepted_reads_completely():
+    """Random damage near the start of real files: each dataset the door accepts converts every
+    element, nested ones included, as the analysis worker and viewers will."""
+    rng = random.Random(7)
+    names = ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "rtplan.dcm", "test-SR.dcm",
+             "OBXXXX1A_rle.dcm"]
+    parts = [split_part10(sample(n)) for n in names]
+    accepted = refused = 0
+    for _ in range(600):
+        meta, body = parts[rng.randrange(len(parts))]
+        data = bytearray(body)
+        for _ in range(rng.randint(1, 6)):
+            data[rng.randrange(min(len(data), 1500))] ^= 1 << rng.randrange(8)
+        blob = meta + bytes(data)
+        try:
+            parse_part10(blob)
+        except InvalidDatasetError:
+            refused += 1
+            continue
+        accepted += 1
+        _reads_completely(blob)
+    assert accepted > 100 and refused > 100, (accepted, refused)
