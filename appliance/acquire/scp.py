@@ -37,6 +37,7 @@ from ..config import Config
 from ..errors import InvalidDatasetError, OutOfSpaceError
 from ..store import InstanceStore, parse_part10
 from . import netpatch  # noqa: F401 - installs its pynetdicom changes on import
+from .part10 import encoded_part10
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def make_store_handler(store: InstanceStore, on_stored: Callable[[Any], None] | 
         calling = _calling_ae(event)
         staged = None
         try:
-            data = event.encoded_dataset(include_meta=True)
+            data = encoded_part10(event)
             # The temp file is written and fsynced while the dataset is parsed and checked.
             staged = store.stage(data)
             ds = parse_part10(data)
