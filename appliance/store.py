@@ -12,8 +12,9 @@ is not committed (the dataset was rejected) is removed.
 
 Group commit: each caller stages its own temp file in its own thread (associations run in
 parallel), then hands it to one committer thread.  The committer takes
-every hand-off waiting at that moment, renames them into place, fsyncs each touched directory
-once and commits all their rows in one transaction, and only then releases the callers.  The
+every hand-off waiting at that moment, renames them into place, makes each touched directory
+durable once (an fsync each, or one ``syncfs`` when there are several) and commits all their
+rows in one transaction, and only then releases the callers.  The
 guarantee per instance is unchanged; the directory and database flushes are shared.
 
 Layout under the data directory::
