@@ -17,6 +17,7 @@ only later by at most the cap in those rare cases.
 """
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import ssl
@@ -152,8 +153,8 @@ class _TimeForAssociation:
             time.sleep(seconds)
 
 
-_original_send_pdu = _dul.DULServiceProvider.send_pdu
-_original_do_action = _fsm.StateMachine.do_action
+_original_send_pdu = getattr(_dul.DULServiceProvider, "send_pdu", None)
+_original_do_action = getattr(_fsm.StateMachine, "do_action", None)
 
 
 def _send_pdu(self: Any, primitive: Any) -> None:
@@ -171,8 +172,14 @@ def _do_action(self: Any, event: str) -> None:
 
 
 def install() -> None:
-    """Apply both changes (idempotent)."""
+    """Apply both changes (idempotent).  The waits are written against pynetdicom 3.0's
+    internals; if those are not there, pynetdicom is left polling as it ships."""
     AssociationSocket.recv = _recv_exact  # type: ignore[method-assign]
+    expected = (hasattr(_dul, "time") and hasattr(_association, "time")
+                and hasattr(_dul.DULServiceProvider, "send_pdu") and hasattr(_fsm.StateMachine, "do_action"))
+    if not expected:
+        logging.getLogger(__name__).warning("pynetdicom internals differ from 3.0: reactors keep polling")
+        return
     _dul.DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
     _fsm.StateMachine.do_action = _do_action  # type: ignore[method-assign]
     _dul.time = _TimeForDul()  # type: ignore[attr-defined, assignment]
