@@ -39,7 +39,12 @@ from .transfer import Outcome, Outgoing, Report, ShouldStop, encode, run_lanes, 
 log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 126  # 128 allowed; two kept for verification and C-FIND
-LANES = 3         # associations sending at once (Orthanc serves 4 by default)
+SLOWEST_LINK_BYTES_PER_S = 8_000  # 64 kbit/s: a poor satellite or 2G link
+# Associations sending at once.  Several keep the link busy while one waits for a response
+# (small instances on a long round trip), but with a multi-megabyte radiograph on a slow link
+# they lost the transfer (bench_forward.py --chest-size 0: "no C-STORE response", cause not
+# found), so one until that is understood; DicomPeer(lanes=N) takes more.
+LANES = 1
 IDLE_S = 20.0     # below Orthanc's default DicomScpTimeout (30 s)
 FIND_UIDS = 32    # studies per C-FIND (UID list matching)
 FIND = StudyRootQueryRetrieveInformationModelFind
@@ -230,11 +235,21 @@ class DicomPeer:
                                reason=f"{self.dest['name']} accepts no transfer syntax this instance can be sent in")
             return ready
 
+    def response_timeout_s(self, size: int) -> float:
+        """How long to wait for a C-STORE response.  It can only come once the whole dataset has
+        crossed the link, and after pynetdicom has handed the last PDU to the kernel, socket and
+        network buffers may still hold megabytes of it; on a slow link (shared by the lanes) that
+        takes far longer than the usual timeout.  Allow for the slowest link the box is meant for."""
+        return self.timeout_s + size * self.lanes / SLOWEST_LINK_BYTES_PER_S
+
     def _send_one(self, assoc: Any, o: Outgoing) -> Outcome:
         ready = self._prepare(assoc, o)
         if isinstance(ready, Outcome):
             return ready
         size = len(encode(ready))
+        # Both timers: the response wait, and the idle timer, which only hears what the peer
+        # sends (nothing while a large dataset is still going out) and would abort the association.
+        assoc.dimse_timeout = assoc.network_timeout = self.response_timeout_s(size)
         try:
             status = assoc.send_c_store(ready)
         except (OSError, RuntimeError, ValueError) as exc:

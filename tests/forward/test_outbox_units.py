@@ -295,3 +295,28 @@ def test_dicomweb_confirms_many_studies_per_query_and_paces_the_body():
     assert len(body) == 100_010
     chunks = iter(lambda: body.read(8192), b"")
     assert b"".join(chunks) == b"a" * 100_000 + b"b" * 10 and sum(paced) == 100_010 and max(paced) <= 8192
+
+
+def test_c_store_response_wait_grows_with_the_dataset_on_slow_links(monkeypatch):
+    """The response comes only after the whole dataset has crossed the link: a 7 MB radiograph
+    over three lanes of a 64 kbit/s link must not be given up after the usual 30 s."""
+    from appliance.forward.dicom_peer import SLOWEST_LINK_BYTES_PER_S, DicomPeer
+
+    log = []
+    peer = DicomPeer({"name": "pacs", "host": "127.0.0.1", "port": 104, "called_ae": "HUB"}, "EDGE",
+                     ae_factory=FakeAE(log), lanes=3, timeout_s=30)
+    assert peer.response_timeout_s(0) == 30
+    big = peer.response_timeout_s(7_200_000)
+    assert big >= 7_200_000 * 3 / SLOWEST_LINK_BYTES_PER_S and big > 2000
+    waits = []
+    original = FakeAssoc.send_c_store
+
+    def send_c_store(self, ds):
+        waits.append(self.dimse_timeout)  # what the association will wait for this response
+        assert self.network_timeout == self.dimse_timeout  # and its idle timer will not abort sooner
+        return original(self, ds)
+
+    monkeypatch.setattr(FakeAssoc, "send_c_store", send_c_store)
+    peer.send(_outgoing(1), [].extend, lambda: False)
+    size = len(sample("CT_small.dcm").read_bytes())
+    assert len(waits) == 1 and abs(waits[0] - peer.response_timeout_s(size)) < 0.1 * size * 3 / SLOWEST_LINK_BYTES_PER_S
