@@ -23,7 +23,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pynetdicom import association as _association
 from pynetdicom import dul as _dul
@@ -72,7 +72,7 @@ class _Waker:
         try:
             while self.reader.recv(4096):
                 pass
-        except OSError:
+        except OSError:  # nothing left to read (non-blocking), or closed
             pass
 
 
@@ -121,34 +121,34 @@ def _assoc_wait(assoc: Any) -> None:
     event.clear()
 
 
-class _TimeForDul:
-    """``time`` as pynetdicom.dul sees it: its idle sleep becomes :func:`_dul_wait`."""
+def _is_dul_idle_sleep(thread: threading.Thread, seconds: float) -> bool:
+    return isinstance(thread, _dul.DULServiceProvider) and seconds == thread._run_loop_delay
+
+
+def _is_acceptor_poll(thread: threading.Thread, seconds: float) -> bool:
+    # Acceptors only: a requestor's user thread pauses the reactor (send_c_store and the like
+    # spin until it reaches its checkpoint), which must stay a 1 ms poll.
+    return (isinstance(thread, _association.Association) and seconds == _REACTOR_SLEEP_S
+            and thread.is_acceptor)
+
+
+class _TimeFor:
+    """``time`` as one pynetdicom module sees it: the one sleep ``matches`` recognises (a
+    reactor's idle poll, on the reactor's own thread) becomes ``wait(thread)``; every other
+    sleep and every other attribute is the real ``time`` module's."""
+
+    def __init__(self, matches: Callable[[threading.Thread, float], bool],
+                 wait: Callable[[Any], None]) -> None:
+        self._matches = matches
+        self._wait = wait
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
-    @staticmethod
-    def sleep(seconds: float) -> None:
+    def sleep(self, seconds: float) -> None:
         thread = threading.current_thread()
-        if isinstance(thread, _dul.DULServiceProvider) and seconds == thread._run_loop_delay:
-            _dul_wait(thread)
-        else:
-            time.sleep(seconds)
-
-
-class _TimeForAssociation:
-    """``time`` as pynetdicom.association sees it: the reactor's poll becomes :func:`_assoc_wait`."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        thread = threading.current_thread()
-        # Acceptors only: a requestor's user thread pauses the reactor (send_c_store and the
-        # like spin until it reaches its checkpoint), which must stay a 1 ms poll.
-        if isinstance(thread, _association.Association) and seconds == _REACTOR_SLEEP_S and thread.is_acceptor:
-            _assoc_wait(thread)
+        if self._matches(thread, seconds):
+            self._wait(thread)
         else:
             time.sleep(seconds)
 
@@ -182,8 +182,8 @@ def install() -> None:
         return
     _dul.DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
     _fsm.StateMachine.do_action = _do_action  # type: ignore[method-assign]
-    _dul.time = _TimeForDul()  # type: ignore[attr-defined, assignment]
-    _association.time = _TimeForAssociation()  # type: ignore[attr-defined, assignment]
+    _dul.time = _TimeFor(_is_dul_idle_sleep, _dul_wait)  # type: ignore[attr-defined, assignment]
+    _association.time = _TimeFor(_is_acceptor_poll, _assoc_wait)  # type: ignore[attr-defined, assignment]
 
 
 install()

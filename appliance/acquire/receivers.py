@@ -170,14 +170,14 @@ def _die_with_parent() -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # not Linux: the closed channel still ends the helper
         pass
 
 
 def _close_quietly(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
+    except OSError:  # already disconnected
         pass
     sock.close()
 
@@ -209,7 +209,7 @@ def helper_main(config: Config, channel: socket.socket, index: int) -> None:
         with send_lock:
             try:
                 channel.send(code)
-            except OSError:
+            except OSError:  # the main process is gone; the receive loop ends this process
                 pass
 
     server = make_server(config, store, HandedOverServer, on_stored=lambda _outcome: tell(STORED),
