@@ -1,7 +1,7 @@
 """A DICOM destination: C-STORE SCU to send, C-FIND to confirm (pynetdicom), optional TLS.
 
-Associations are kept open between outbox items (released after ``idle_s`` without use, or when
-other presentation contexts are needed), and the C-FIND that confirms runs on the same association
+Associations are kept open between outbox items (each released after ``idle_s`` without use,
+which is below the peer's idle timeout, or all when other presentation contexts are needed), and the C-FIND that confirms runs on the same association
 as the C-STOREs (Study Root FIND is proposed with the storage contexts).  Instances go over
 ``lanes`` associations at once: each C-STORE still waits for its own response status before that
 association sends the next, but on a long round trip another association keeps the link busy
@@ -40,11 +40,10 @@ log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 126  # 128 allowed; two kept for verification and C-FIND
 SLOWEST_LINK_BYTES_PER_S = 8_000  # 64 kbit/s: a poor satellite or 2G link
-# Associations sending at once.  Several keep the link busy while one waits for a response
-# (small instances on a long round trip), but with a multi-megabyte radiograph on a slow link
-# they lost the transfer (bench_forward.py --chest-size 0: "no C-STORE response", cause not
-# found), so one until that is understood; DicomPeer(lanes=N) takes more.
-LANES = 1
+# Associations sending at once: several keep the link busy while one waits a round trip for its
+# response (bench_forward.py: 61% of a 2 Mbit/s, 600 ms RTT link with one, as storescu; see
+# docs/BENCHMARKS.md).  More than three gain little and hold more of the peer's threads.
+LANES = 3
 IDLE_S = 20.0     # below Orthanc's default DicomScpTimeout (30 s)
 FIND_UIDS = 32    # studies per C-FIND (UID list matching)
 FIND = StudyRootQueryRetrieveInformationModelFind
@@ -109,7 +108,7 @@ class DicomPeer:
         self._clock = clock
         self._assocs: list[Any] = []               # open associations, all with the same contexts
         self._pairs: list[tuple[str, str]] = []    # (SOP class, transfer syntax) proposed on them
-        self._last_used = 0.0
+        self._used: dict[Any, float] = {}          # association -> when it last carried a request
         self._prepare_lock = threading.Lock()      # loading / de-identifying is not thread-safe
         self.opened = 0                            # associations opened so far (for tests)
 
@@ -141,13 +140,21 @@ class DicomPeer:
 
     def _open(self, pairs: list[tuple[str, str]], count: int) -> list[Any]:
         """``count`` established associations proposing (at least) ``pairs``: the open ones if
-        they fit and have not idled out, else new ones (opened in parallel: one round trip)."""
-        idle = self._clock() - self._last_used > self.idle_s
-        if idle or not set(pairs) <= set(self._pairs):
+        they fit and have not idled out, else new ones (opened in parallel: one round trip).
+        An association idle for ``idle_s`` (say a lane that had nothing to send while another
+        carried a large radiograph) is released before the peer's idle timeout would drop it."""
+        now = self._clock()
+        for assoc in self._assocs:
+            if assoc.is_established and now - self._used.get(assoc, now) > self.idle_s:
+                assoc.release()
+        self._assocs = [a for a in self._assocs if a.is_established]
+        self._used = {a: t for a, t in self._used.items() if a in self._assocs}
+        if not self._assocs:
+            self._pairs = list(pairs)
+        elif not set(pairs) <= set(self._pairs):
             self.close()
             merged = self._pairs + [p for p in pairs if p not in self._pairs]
-            self._pairs = merged if len(merged) <= MAX_CONTEXTS and not idle else list(pairs)
-        self._assocs = [a for a in self._assocs if a.is_established]
+            self._pairs = merged if len(merged) <= MAX_CONTEXTS else list(pairs)
         missing = count - len(self._assocs)
         if missing > 0:
             opened: list[Any] = []
@@ -167,21 +174,22 @@ class DicomPeer:
             self._assocs += opened
             if not self._assocs:
                 raise errors[0]
-        self._last_used = self._clock()
-        return self._assocs[:count]
+        chosen = self._assocs[:count]
+        self._used.update((a, now) for a in chosen)
+        return chosen
 
     def _abort(self) -> None:
         for assoc in self._assocs:
             if assoc.is_established:
                 assoc.abort()
-        self._assocs = []
+        self._assocs, self._used = [], {}
 
     def close(self) -> None:
         """Release the open associations (they are kept between items until ``idle_s``)."""
         for assoc in self._assocs:
             if assoc.is_established:
                 assoc.release()
-        self._assocs = []
+        self._assocs, self._used = [], {}
 
     # -- C-STORE --------------------------------------------------------------------------------
     def _batches(self, outgoing: list[Outgoing]) -> list[tuple[list[Outgoing], list[tuple[str, str]]]]:
@@ -214,8 +222,6 @@ class DicomPeer:
             except TransientSendError:
                 self._abort()  # a lane's link is gone: do not wait for polite releases
                 raise
-            finally:
-                self._last_used = self._clock()
 
     def _prepare(self, assoc: Any, o: Outgoing) -> Any:
         """The dataset in a syntax the association accepts, or the Outcome that stops it."""
@@ -254,6 +260,8 @@ class DicomPeer:
             status = assoc.send_c_store(ready)
         except (OSError, RuntimeError, ValueError) as exc:
             raise TransientSendError(f"C-STORE to {self.dest['name']} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._used[assoc] = self._clock()
         if "Status" not in status:
             raise TransientSendError(f"{self.dest['name']}: no C-STORE response (connection lost or timed out)")
         code = int(status.Status)
@@ -284,7 +292,7 @@ class DicomPeer:
             self._abort()
             raise
         finally:
-            self._last_used = self._clock()
+            self._used[assoc] = self._clock()
         return found
 
     def _find(self, assoc: Any, study_uids: list[str]) -> set[str]:

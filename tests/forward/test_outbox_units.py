@@ -235,6 +235,26 @@ def test_dicom_peer_keeps_associations_across_items_and_finds_on_them():
     assert len([e for e in log if e[0] == "release"]) == 4
 
 
+def test_a_lane_left_idle_is_released_before_the_peer_would_drop_it():
+    """A lane with nothing to send while another carries a long radiograph idles; it is replaced
+    once idle for idle_s (below the peer's own idle timeout), the busy one is kept."""
+    from appliance.forward.dicom_peer import DicomPeer
+
+    log, now = [], [0.0]
+    peer = DicomPeer({"name": "pacs", "host": "127.0.0.1", "port": 104, "called_ae": "HUB"}, "EDGE",
+                     ae_factory=FakeAE(log), lanes=2, idle_s=20, clock=lambda: now[0])
+    peer.send(_outgoing(2), [].extend, lambda: False)
+    first, second = [e[1] for e in log if e[0] == "open"]
+    now[0] = 15.0
+    peer.send(_outgoing(1), [].extend, lambda: False)  # one instance: one lane used
+    used = [e[1] for e in log if e[0] == "store"][-1]
+    now[0] = 25.0  # the other lane idle for 25 s, this one for 10 s
+    peer.send(_outgoing(2), [].extend, lambda: False)
+    assert [e[1] for e in log if e[0] == "release"] == [({first, second} - {used}).pop()]
+    assert len([e for e in log if e[0] == "open"]) == 3
+    assert used in {e[1] for e in log[-2:] if e[0] == "store"}
+
+
 def test_run_lanes_reports_in_the_calling_thread_stops_and_reraises():
     from appliance.forward.errors import TransientSendError
     from appliance.forward.transfer import run_lanes
