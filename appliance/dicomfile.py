@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 
 import pydicom
 import pydicom.config
@@ -100,13 +101,11 @@ def _check_pixel_data(ds: Dataset) -> None:
         return
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
-        from pydicom.encaps import generate_fragments
-
         try:
-            fragments = sum(1 for _ in generate_fragments(ds.PixelData))
-        except Exception as exc:  # noqa: BLE001 - malformed item structure
+            items = count_encapsulated_items(ds.PixelData)
+        except ValueError as exc:
             raise InvalidDatasetError(f"cannot parse dataset: encapsulated pixel data is malformed: {exc}") from exc
-        if fragments == 0:
+        if items < 2:
             raise InvalidDatasetError("cannot parse dataset: encapsulated pixel data has no fragments")
         return
     bits = int(ds.get("BitsAllocated", 8) or 8)
@@ -115,6 +114,37 @@ def _check_pixel_data(ds: Dataset) -> None:
     expected = (pixels * bits + 7) // 8
     if len(ds.PixelData) < expected:
         raise InvalidDatasetError(f"cannot parse dataset: pixel data truncated ({len(ds.PixelData)} of {expected} bytes)")
+
+
+_ITEM_HEADER = struct.Struct("<HHI")
+_ITEM, _SEQUENCE_DELIMITER, _UNDEFINED = 0xFFFEE000, 0xFFFEE0DD, 0xFFFFFFFF
+
+
+def count_encapsulated_items(value: bytes) -> int:
+    """The items of encapsulated pixel data (the Basic Offset Table, then the fragments); raises
+    ValueError if one is not an item, has an undefined length or runs past the end.
+
+    Only the 8-byte item headers are read (pydicom's ``generate_fragments`` copies every
+    fragment out, a copy of the whole image per C-STORE), and a truncated last fragment, which
+    pydicom returns short without a word, is an error here."""
+    view = memoryview(value)
+    end, offset, count = len(view), 0, 0
+    while offset < end:
+        if offset + 8 > end:
+            raise ValueError(f"item header truncated at offset {offset}")
+        group, element, length = _ITEM_HEADER.unpack_from(view, offset)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_DELIMITER:
+            break
+        if tag != _ITEM:
+            raise ValueError(f"unexpected tag ({group:04X},{element:04X}) at offset {offset}")
+        if length == _UNDEFINED:
+            raise ValueError(f"undefined item length at offset {offset}")
+        offset += 8 + length
+        if offset > end:
+            raise ValueError(f"item {count} runs {offset - end} bytes past the end of the pixel data")
+        count += 1
+    return count
 
 
 def identify(ds: Dataset) -> dict[str, str]:

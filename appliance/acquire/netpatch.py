@@ -8,8 +8,9 @@ and the box has two to six cores shared with image analysis.  Here those two 1 m
 only those) become waits that end as soon as there is work:
 
 * the DUL thread waits on its socket and on a wake-up socket that ``send_pdu`` writes to;
-* an acceptor's association thread waits on an event that its state machine sets after every
-  action (a requestor's keeps polling: its user thread pauses the reactor between operations).
+* an acceptor's association thread waits on an event that its state machine sets after an
+  action that leaves it work (a requestor's keeps polling: its user thread pauses the reactor
+  between operations).
 
 Every wait is capped (:data:`MAX_WAIT_S`), so a condition nobody signals (a timer, a kill flag)
 is still seen within that time, as it was seen within 1 ms before: behaviour is the same,
@@ -162,12 +163,23 @@ def _send_pdu(self: Any, primitive: Any) -> None:
     _waker(self).wake()
 
 
+def _assoc_has_work(assoc: Any, machine: Any) -> bool:
+    """Whether the association thread has something to do after a state machine action: a
+    complete DIMSE message or an ACSE primitive waiting, or a state other than data transfer
+    (negotiation, release, abort).  A P-DATA fragment of a message still arriving is not: waking
+    the thread for each of a radiograph's dozens of PDUs costs a GIL hand-off each, for nothing."""
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is None or not dimse.msg_queue.empty() or not machine.dul.to_user_queue.empty():
+        return True
+    return machine.current_state != "Sta6"
+
+
 def _do_action(self: Any, event: str) -> None:
     try:
         _original_do_action(self, event)
     finally:
         assoc = getattr(self.dul, "assoc", None)
-        if assoc is not None:
+        if assoc is not None and _assoc_has_work(assoc, self):
             _event(assoc).set()
 
 

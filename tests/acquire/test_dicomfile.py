@@ -79,3 +79,41 @@ def test_whatever_is_accepted_reads_completely():
         accepted += 1
         _reads_completely(blob)
     assert accepted > 100 and refused > 100, (accepted, refused)
+
+
+COMPRESSED = ["JPEG2000.dcm", "OBXXXX1A_rle.dcm", "color3d_jpeg_baseline.dcm", "RG1_J2KR.dcm",
+              "JPEG-LL.dcm", "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_rle_2frame.dcm"]
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_encapsulated_items_are_counted_as_pydicom_reads_them(name):
+    from pydicom.encaps import generate_fragments
+
+    from appliance.dicomfile import count_encapsulated_items
+
+    pixels = pydicom.dcmread(sample(name)).PixelData
+    assert count_encapsulated_items(pixels) == sum(1 for _ in generate_fragments(pixels)) >= 2
+
+
+def _with_pixel_data(value: bytes) -> bytes:
+    """JPEG2000.dcm with its encapsulated pixel data value replaced (undefined length, so the
+    sequence delimiter follows)."""
+    data = sample("JPEG2000.dcm").read_bytes()
+    head = data[:data.rindex(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff") + 12]
+    return head + value + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def test_malformed_encapsulated_pixel_data_is_refused():
+    from appliance.dicomfile import count_encapsulated_items
+
+    bot = b"\xfe\xff\x00\xe0\x00\x00\x00\x00"
+    fragment = b"\xfe\xff\x00\xe0\x04\x00\x00\x00\xff\x4f\xff\x51"
+    assert parse_part10(_with_pixel_data(bot + fragment)).PixelData == bot + fragment
+    with pytest.raises(ValueError, match="runs 2 bytes past the end"):
+        count_encapsulated_items(bot + fragment[:-2])  # a truncated last fragment
+    for value, why in [(bot, "has no fragments"),
+                       (bot + b"\x08\x00\x16\x00\x04\x00\x00\x00abcd", r"unexpected tag \(0008,0016\)"),
+                       (bot + b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + fragment, "undefined item length"),
+                       (bot + fragment + b"\xfe\xff\x00", "item header truncated")]:
+        with pytest.raises(InvalidDatasetError, match=why):
+            parse_part10(_with_pixel_data(value))
