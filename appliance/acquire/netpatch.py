@@ -1,5 +1,12 @@
-"""Two changes to pynetdicom's transport, installed on import: receive PDUs into one buffer, and
-let its reactor threads wait for something to happen instead of polling every millisecond.
+"""Changes to pynetdicom's transport, installed on import: receive PDUs into one buffer, decode
+P-DATA PDUs without copying their fragments, and let its reactor threads wait for something to
+happen instead of polling every millisecond.
+
+pynetdicom copies every received byte five times before a C-STORE handler sees it (the PDU as
+bytes for an event nobody here listens to, each fragment out of the PDU, each fragment minus its
+header byte, into the dataset buffer, out again); a P-DATA PDU is decoded here with its fragments
+as views of the received buffer, so that they are copied once, into the dataset buffer, when no
+handler is bound to the raw-data event (EVT_DATA_RECV; with one, pynetdicom's own decoding runs).
 
 pynetdicom runs two polling loops per association: the DUL thread checks the socket and its send
 queue, sleeping 1 ms whenever there is nothing to do, and the association thread checks for
@@ -22,13 +29,17 @@ import logging
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import Any, Callable
 
 from pynetdicom import association as _association
 from pynetdicom import dul as _dul
+from pynetdicom import evt
 from pynetdicom import fsm as _fsm
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.transport import AssociationSocket
 
 MAX_WAIT_S = 0.05
@@ -154,6 +165,39 @@ class _TimeFor:
             time.sleep(seconds)
 
 
+_P_DATA_TF = 0x04
+_ITEM_LENGTH = struct.Struct(">I")
+_original_decode_pdu = getattr(_dul.DULServiceProvider, "_decode_pdu", None)
+
+
+def decode_p_data(bytestream: bytearray) -> P_DATA_TF:
+    """A P-DATA-TF PDU (header included) whose fragments are views of ``bytestream``; ValueError
+    if an item is shorter than its header or runs past the end (pynetdicom: an assertion)."""
+    view = memoryview(bytestream)
+    end, offset = len(view), 6
+    pdu = P_DATA_TF()
+    while offset < end:
+        if offset + 5 > end:
+            raise ValueError(f"P-DATA item header truncated at offset {offset}")
+        (length,) = _ITEM_LENGTH.unpack_from(view, offset)
+        if length < 1 or offset + 4 + length > end:
+            raise ValueError(f"P-DATA item at offset {offset} has an impossible length {length}")
+        item = PresentationDataValueItem()
+        item.presentation_context_id = view[offset + 4]
+        item.presentation_data_value = view[offset + 5:offset + 4 + length]  # type: ignore[assignment]
+        pdu.presentation_data_value_items.append(item)
+        offset += 4 + length
+    return pdu
+
+
+def _decode_pdu(self: Any, bytestream: bytearray) -> tuple[Any, str]:
+    if bytestream[0] != _P_DATA_TF or self.assoc.get_handlers(evt.EVT_DATA_RECV):
+        return _original_decode_pdu(self, bytestream)  # type: ignore[misc]
+    pdu = decode_p_data(bytestream)
+    evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+    return pdu, "Evt10"  # P-DATA-TF PDU received
+
+
 _original_send_pdu = getattr(_dul.DULServiceProvider, "send_pdu", None)
 _original_do_action = getattr(_fsm.StateMachine, "do_action", None)
 
@@ -187,6 +231,8 @@ def install() -> None:
     """Apply both changes (idempotent).  The waits are written against pynetdicom 3.0's
     internals; if those are not there, pynetdicom is left polling as it ships."""
     AssociationSocket.recv = _recv_exact  # type: ignore[method-assign]
+    if _original_decode_pdu is not None:
+        _dul.DULServiceProvider._decode_pdu = _decode_pdu  # type: ignore[method-assign]
     expected = (hasattr(_dul, "time") and hasattr(_association, "time")
                 and hasattr(_dul.DULServiceProvider, "send_pdu") and hasattr(_fsm.StateMachine, "do_action"))
     if not expected:
