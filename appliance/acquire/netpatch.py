@@ -228,8 +228,8 @@ def _do_action(self: Any, event: str) -> None:
 
 
 def install() -> None:
-    """Apply both changes (idempotent).  The waits are written against pynetdicom 3.0's
-    internals; if those are not there, pynetdicom is left polling as it ships."""
+    """Apply the changes (idempotent).  They are written against pynetdicom 3.0's internals;
+    where those are not there, pynetdicom is left decoding and polling as it ships."""
     AssociationSocket.recv = _recv_exact  # type: ignore[method-assign]
     if _original_decode_pdu is not None:
         _dul.DULServiceProvider._decode_pdu = _decode_pdu  # type: ignore[method-assign]

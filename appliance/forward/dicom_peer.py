@@ -1,8 +1,9 @@
 """A DICOM destination: C-STORE SCU to send, C-FIND to confirm (pynetdicom), optional TLS.
 
 Associations are kept open between outbox items (each released after ``idle_s`` without use,
-which is below the peer's idle timeout, or all when other presentation contexts are needed), and the C-FIND that confirms runs on the same association
-as the C-STOREs (Study Root FIND is proposed with the storage contexts).  Instances go over
+which is below the peer's idle timeout, or all when other presentation contexts are needed), and
+the C-FIND that confirms runs on the same association as the C-STOREs (Study Root FIND is
+proposed with the storage contexts).  Instances go over
 ``lanes`` associations at once: each C-STORE still waits for its own response status before that
 association sends the next, but on a long round trip another association keeps the link busy
 (pynetdicom has no asynchronous operations window).
