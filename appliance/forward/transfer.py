@@ -7,6 +7,12 @@ progress instance by instance.  A transient problem (link down, peer busy) is ra
 
 A peer may send on several connections at once (:func:`run_lanes`): every instance still waits
 for its own answer, but while one connection waits a round trip for it, another keeps the link busy.
+
+What leaves the box is built here (:func:`with_syntax`, :func:`encode`), de-identified or not,
+over either path: a fresh file meta with only the elements PS3.10 requires, and a zero preamble.
+The hub has no use for the box's local file meta, and what a received or imported file carried
+there (Source AE Title, Private Information Creator UID, Private Information, whatever was in its
+128-byte preamble) stays on the box.
 """
 from __future__ import annotations
 
@@ -18,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
+from pynetdicom.dsutils import create_file_meta
 
 from .compress import compress, target_syntax
 
@@ -113,8 +120,33 @@ def run_lanes(lanes: Sequence[Any], outgoing: list[Outgoing], send_one: Callable
         raise error
 
 
+PREAMBLE = b"\x00" * 128
+NOT_IN_A_DATA_SET = (0x0000, 0x0002)  # command and file meta groups
+
+
+def fresh_file_meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:
+    """A file meta group for ``ds`` with only what PS3.10 requires: version, SOP class and
+    instance (from the data set itself), transfer syntax, and the box's implementation UID and
+    version (pynetdicom's, as on the files the box stores)."""
+    return create_file_meta(sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
+                            transfer_syntax=transfer_syntax)
+
+
+def _refresh(ds: Dataset) -> Dataset:
+    """``ds`` given a fresh file meta for its transfer syntax and a zero preamble.  Command
+    (0000,eeee) and file meta (0002,eeee) elements a careless writer left in the data set are
+    dropped: they do not belong there, and pydicom refuses to write a file that has them."""
+    for tag in [t for t in ds.keys() if t.group in NOT_IN_A_DATA_SET]:
+        del ds[tag]
+    ds.file_meta = fresh_file_meta(ds, str(ds.file_meta.TransferSyntaxUID))
+    ds.preamble = PREAMBLE
+    return ds
+
+
 def encode(ds: Dataset) -> bytes:
-    """Part 10 bytes of ``ds`` in its own transfer syntax (what goes on the wire)."""
+    """Part 10 bytes of ``ds`` in its own transfer syntax (what goes on the wire), with a fresh
+    file meta and a zero preamble (``ds`` is given them too)."""
+    _refresh(ds)
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
@@ -123,7 +155,13 @@ def encode(ds: Dataset) -> bytes:
 def with_syntax(ds: Dataset, accepted: set[str], compress_method: str) -> Optional[Dataset]:
     """``ds`` in a transfer syntax from ``accepted``: losslessly compressed if the destination
     asks for it and the peer accepts it, else as stored, else decompressed to explicit (or
-    implicit) VR little endian.  None if none of these is accepted."""
+    implicit) VR little endian; with a fresh file meta for that syntax.  None if none of these is
+    accepted."""
+    ready = _in_syntax(ds, accepted, compress_method)
+    return None if ready is None else _refresh(ready)
+
+
+def _in_syntax(ds: Dataset, accepted: set[str], compress_method: str) -> Optional[Dataset]:
     target = target_syntax(compress_method)
     if target is not None and target in accepted:
         packed = compress(ds, compress_method)

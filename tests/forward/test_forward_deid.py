@@ -23,7 +23,7 @@ from tests.helpers import CALLING_AE, dcmsend, sample
 from tests.pipeline.test_pipeline_e2e import wait_until_analyzed
 
 REMOVE = profile_tags("X")
-CHANGE = profile_tags("DZU") | profile_tags(["U*"])
+CHANGE = profile_tags("DZU")
 FINDING = "Right lower lobe consolidation, compatible with pneumonia. Recommend follow-up film in 6 weeks."
 
 
