@@ -8,13 +8,13 @@ from pathlib import Path
 
 import click
 
-from .cli_common import config_option, setup
+from .cli_common import ApplianceGroup, config_option, setup
 from .errors import ImportPathError, OutOfSpaceError
 
 log = logging.getLogger("appliance")
 
 
-@click.group()
+@click.group(cls=ApplianceGroup)
 @click.version_option(package_name="clinic-edge-appliance")
 def main() -> None:
     """Clinic edge AI appliance."""
@@ -56,7 +56,7 @@ def import_(config_file: str | None, data_dir: str | None, paths: tuple[Path, ..
         files = collect_files(paths)
     except ImportPathError as exc:
         raise click.ClickException(str(exc)) from exc
-    database = open_database(config.data_dir)
+    database = open_database(config.data_dir, check_integrity=True)
     store = InstanceStore(config.data_dir, database, config["storage"]["min_free_mb"])
     try:
         with click.progressbar(length=len(files), label="importing", file=sys.stderr) as bar:
@@ -83,7 +83,7 @@ def studies(config_file: str | None, data_dir: str | None, as_json: bool) -> Non
     from .db import open_database
 
     config = setup(config_file, {"storage.data_dir": data_dir})
-    rows = list_studies(open_database(config.data_dir))
+    rows = list_studies(open_database(config.data_dir, check_integrity=True))
     if as_json:
         click.echo(json.dumps({"schema_version": SCHEMA_VERSION, "studies": rows}, indent=2))
         return
@@ -112,7 +112,7 @@ def analyze(config_file: str | None, data_dir: str | None, study_uid: str) -> No
     from .store import InstanceStore
 
     config = setup(config_file, {"storage.data_dir": data_dir})
-    database = open_database(config.data_dir)
+    database = open_database(config.data_dir, check_integrity=True)
     if not database.query("SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,)):
         raise click.ClickException(f"no study {study_uid}")
     added = enqueue_study(database, study_uid)
@@ -129,6 +129,7 @@ def analyze(config_file: str | None, data_dir: str | None, study_uid: str) -> No
 def _register_groups() -> None:
     from .accounts import users
     from .analyze.commands import engines, models
+    from .dbrebuild import db
     from .forward.commands import forward, outbox
 
     main.add_command(models)
@@ -136,6 +137,7 @@ def _register_groups() -> None:
     main.add_command(forward)
     main.add_command(outbox)
     main.add_command(users)
+    main.add_command(db)
 
 
 _register_groups()

@@ -6,14 +6,43 @@ Kept apart from ``cli.py`` so that command groups living in sub-packages (``forw
 from __future__ import annotations
 
 import logging
+import sqlite3
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from .config import Config, load_config
+from .dbguard import DatabaseCorruptError, DatabaseUnusableError, last_opened, translate
 from .errors import ApplianceError
+
+# Exit status of a command refused because of the database: restarting will not help (the
+# systemd unit can say RestartPreventExitStatus=3).
+EXIT_DATABASE = 3
+
+
+class DatabaseRefused(click.ClickException):
+    """A command stopped because the database cannot be used; one message, no traceback."""
+
+    exit_code = EXIT_DATABASE
+
+
+class ApplianceGroup(click.Group):
+    """The ``appliance`` group: whatever the command, an unusable database ends it with the
+    guard's message (exit status 3), and an SQLite error met later is translated once, here."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DatabaseUnusableError as exc:
+            raise DatabaseRefused(str(exc)) from exc
+        except sqlite3.DatabaseError as exc:
+            translated = translate(exc, last_opened() or Path("appliance.db"))
+            if not isinstance(translated, DatabaseCorruptError):
+                raise  # not damage (a lock, a bug): the traceback is the useful answer
+            raise DatabaseRefused(str(translated)) from exc
 
 
 def config_option(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -9,9 +9,11 @@ import fcntl
 import os
 import sqlite3
 import threading
+import uuid
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
 
 import sqlite_utils
 
@@ -317,6 +319,43 @@ def _m005_result_objects(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_results_objects ON analysis_results(objects_state, objects_next_at)")
 
 
+def _m006_web_sessions(db: sqlite_utils.Database) -> None:
+    # Server-side web sessions: the cookie carries a random id whose sha256 is the key here, so
+    # signing out (deleting the row) ends that one session for good, even for a copied cookie.
+    db.execute(
+        """
+        CREATE TABLE web_sessions (
+            id TEXT PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            created_at REAL NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX idx_web_sessions_user ON web_sessions(user_id)")
+    # Sign-in throttling (appliance.accounts): failure counters keyed by client address, user
+    # name (known or not, so they behave alike), client and user name, PIN user name; and the
+    # per-client attempt rate.  Epoch seconds.
+    db.execute(
+        """
+        CREATE TABLE login_throttle (
+            key TEXT PRIMARY KEY,
+            failures INTEGER NOT NULL DEFAULT 0,
+            first_at REAL NOT NULL DEFAULT 0,
+            last_at REAL NOT NULL DEFAULT 0
+        )"""
+    )
+    db.execute("CREATE INDEX idx_login_throttle_last ON login_throttle(last_at)")
+
+
+def _m007_database_identity(db: sqlite_utils.Database) -> None:
+    # A random id for this database file, also recorded outside it (appliance.dbguard), so the
+    # box can tell its own database (or a backup of it) from an empty one created after the
+    # real one was lost.
+    db.execute("CREATE TABLE database_identity (id INTEGER PRIMARY KEY CHECK (id = 1), "
+               "database_id TEXT NOT NULL, created_at TEXT NOT NULL)")
+    db.execute("INSERT INTO database_identity (id, database_id, created_at) VALUES (1, ?, ?)",
+               (uuid.uuid4().hex, datetime.now(timezone.utc).isoformat(timespec="seconds")))
+
+
 # Numbered migrations: index i + 1 is the schema version after running MIGRATIONS[i].
 # Never edit a shipped migration; append a new one.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
@@ -325,6 +364,8 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m003_ui,
     _m004_outbox,
     _m005_result_objects,
+    _m006_web_sessions,
+    _m007_database_identity,
 ]
 
 
@@ -336,6 +377,11 @@ class Database:
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self._lock_fd: int | None = None
+        # Called after every commit, still under the write lock; set by appliance.dbguard while
+        # it waits to record that the box has users and instances.  Must not raise.
+        self.on_commit: Callable[[], None] | None = None
+        # appliance.dbguard's shared lock on the data directory's database, held while open.
+        self.in_use_lock: IO[bytes] | None = None
 
     @property
     def db(self) -> sqlite_utils.Database:
@@ -364,18 +410,27 @@ class Database:
         blocked flock wakes the moment the holder commits.
         """
         db = self.db
+        with self.write_lock():
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            if self.on_commit is not None:
+                self.on_commit()
+
+    @contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """The writers' lock of :meth:`atomic` (thread lock, then the cross-process flock),
+        without a transaction: for files that must change in step with the database."""
         with self._write_lock:
             if self._lock_fd is None:
                 self._lock_fd = os.open(f"{self.path}.writelock", os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
+                yield
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
@@ -400,9 +455,13 @@ class Database:
             self._local.db = None
 
 
-def open_database(data_dir: Path) -> Database:
-    """Open (creating if needed) and migrate the database under ``data_dir``."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    database = Database(data_dir / DB_FILENAME)
-    database.migrate()
-    return database
+def open_database(data_dir: Path, check_integrity: bool = False) -> Database:
+    """Open (creating it on a new box) and migrate the database under ``data_dir``.
+
+    Refuses, with :class:`~appliance.dbguard.DatabaseUnusableError`, a database that is
+    missing, empty, damaged or not this box's (see :mod:`appliance.dbguard`);
+    ``check_integrity`` adds ``PRAGMA quick_check`` (a full read: `appliance serve` runs it).
+    """
+    from .dbguard import open_guarded  # dbguard builds on this module
+
+    return open_guarded(Path(data_dir), check_integrity=check_integrity)

@@ -17,9 +17,11 @@ AI_MANUFACTURER = "Clinic Edge Appliance"
 
 
 def index_instance(
-    tx: Any, ds: Dataset, ids: dict[str, str], path: Path, size: int, sha: str, calling_ae: str, source: str, now: str
+    tx: Any, ds: Dataset, ids: dict[str, str], path: Path, size: int, sha: str, calling_ae: str, source: str, now: str,
+    queue_analysis: bool = True,
 ) -> None:
-    """Upsert patient, study, series and instance rows (inside the caller's transaction)."""
+    """Upsert patient, study, series and instance rows (inside the caller's transaction), and
+    the image's analysis job unless ``queue_analysis`` is False (a rebuilt index)."""
     patient_id = text(ds, "PatientID")
     issuer = text(ds, "IssuerOfPatientID")
     tx.execute(
@@ -82,7 +84,7 @@ def index_instance(
             now,
         ),
     )
-    if needs_analysis(ds, source):
+    if queue_analysis and needs_analysis(ds, source):
         tx.execute(
             "INSERT INTO analysis_jobs (sop_instance_uid, study_uid, state, created_at, updated_at) "
             "SELECT ?, ?, 'pending', ?, ? WHERE NOT EXISTS (SELECT 1 FROM analysis_jobs "

@@ -27,7 +27,8 @@ class Appliance:
 
     def __init__(self, config: Config):
         self.config = config
-        self.database = open_database(config.data_dir)
+        # The full quick_check once, here: the box must not serve from a damaged file.
+        self.database = open_database(config.data_dir, check_integrity=True)
         self.store = InstanceStore(config.data_dir, self.database, config["storage"]["min_free_mb"])
         self._scp: Any = None
         self.receivers: Any = None

@@ -62,6 +62,9 @@ MAX_BATCH = 64
 SPACE_RECHECK_S = 1.0
 SPACE_MARGIN = 1024 * MIB
 STAGING_THREADS = 8
+# Re-indexing commits this many files, or this many bytes of them held in memory, at a time.
+RECOVER_BATCH = 256
+RECOVER_BATCH_BYTES = 64 * MIB
 
 
 def utc_now() -> str:
@@ -348,36 +351,88 @@ class InstanceStore:
                          "received_at": now}
         return final, "replaced" if existing else "stored", superseded_row
 
-    # -- start-up recovery ---------------------------------------------------------------
-    def recover(self) -> dict[str, int]:
-        """Remove temp files, index complete files that lost their row, report rows without files."""
+    # -- start-up recovery and re-indexing ----------------------------------------------
+    def recover(self, queue_analysis: bool = True) -> dict[str, int]:
+        """Remove temp files, index complete files that lost their row, report rows without files.
+
+        The same code re-indexes a whole data directory into a new database (``appliance db
+        rebuild``: every file is then an orphan), which is why it indexes in batches (a
+        transaction, and so a device flush, per batch rather than per file) in the order the
+        files were written, with each file's modification time as its receive time.
+        ``queue_analysis`` False indexes without analysis jobs (a rebuild must not re-run the
+        models, and so re-forward, every study the box ever received).  A file that does not
+        parse is moved to ``quarantine/``; one that cannot be read is left where it is.  Never
+        deletes an instance file.
+        """
         removed = 0
         for tmp in self.tmp_dir.iterdir():
             tmp.unlink(missing_ok=True)
             removed += 1
         known = {row["file_path"] for row in self.db.query("SELECT file_path FROM instances")}
-        indexed = 0
-        for path in self.instances_dir.rglob("*.dcm"):
-            if str(path) in known:
+        counts = {"indexed": 0, "quarantined": 0, "unreadable": 0}
+        batch: list[tuple[Dataset, dict[str, str], Path, bytes, str]] = []
+        batch_bytes = 0
+        for path in self._orphans(known):
+            try:
+                data = path.read_bytes()
+                received_at = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(
+                    timespec="milliseconds")
+            except OSError as exc:  # a failing card: report it, keep going, touch nothing
+                log.error("unreadable file %s left in place: %s", path.name, exc)
+                counts["unreadable"] += 1
                 continue
-            data = path.read_bytes()
             try:
                 ds = parse_part10(data)
                 ids = identify(ds)
             except InvalidDatasetError as exc:
                 # Cannot happen for files this store wrote; keep the file aside, never delete it.
                 log.error("unindexable file %s moved aside: %s", path.name, exc)
-                aside = self.data_dir / "quarantine" / path.name
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, aside)
+                self._quarantine(path)
+                counts["quarantined"] += 1
                 continue
-            source = "ai" if str(ds.get("Manufacturer", "")) == AI_MANUFACTURER else "recovered"
-            with self.db.atomic() as tx:
-                index_instance(tx, ds, ids, path, len(data), hashlib.sha256(data).hexdigest(), "", source, utc_now())
-            indexed += 1
+            batch.append((ds, ids, path, data, received_at))
+            batch_bytes += len(data)
+            if len(batch) >= RECOVER_BATCH or batch_bytes >= RECOVER_BATCH_BYTES:
+                counts["indexed"] += self._index_orphans(batch, queue_analysis)
+                batch, batch_bytes = [], 0
+        counts["indexed"] += self._index_orphans(batch, queue_analysis)
         missing = sum(1 for p in known if not Path(p).exists())
         if missing:
             log.error("%d indexed instances have no file on disk", missing)
-        if removed or indexed:
-            log.info("recovery: removed %d temp files, indexed %d orphan files", removed, indexed)
-        return {"temp_removed": removed, "orphans_indexed": indexed, "rows_without_file": missing}
+        if removed or counts["indexed"] or counts["quarantined"] or counts["unreadable"]:
+            log.info("recovery: removed %d temp files, indexed %d orphan files, quarantined %d, %d unreadable",
+                     removed, counts["indexed"], counts["quarantined"], counts["unreadable"])
+        return {"temp_removed": removed, "orphans_indexed": counts["indexed"], "quarantined": counts["quarantined"],
+                "unreadable": counts["unreadable"], "rows_without_file": missing}
+
+    def _orphans(self, known: set[str]) -> list[Path]:
+        """Instance files without a row, oldest first."""
+        found = []
+        for path in self.instances_dir.rglob("*.dcm"):
+            if str(path) in known:
+                continue
+            try:
+                found.append((path.stat().st_mtime, path))
+            except OSError:
+                found.append((0.0, path))  # read_bytes will report it
+        return [path for _mtime, path in sorted(found)]
+
+    def _index_orphans(self, batch: list[tuple[Dataset, dict[str, str], Path, bytes, str]],
+                       queue_analysis: bool) -> int:
+        if not batch:
+            return 0
+        with self.db.atomic() as tx:
+            for ds, ids, path, data, received_at in batch:
+                source = "ai" if str(ds.get("Manufacturer", "")) == AI_MANUFACTURER else "recovered"
+                index_instance(tx, ds, ids, path, len(data), _sha256(data), "", source, received_at,
+                               queue_analysis=queue_analysis)
+        return len(batch)
+
+    def _quarantine(self, path: Path) -> None:
+        aside = self.data_dir / "quarantine" / path.name
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while aside.exists():  # the same name quarantined before: keep both
+            aside = aside.with_name(f"{path.stem}.{n}{path.suffix}")
+            n += 1
+        os.replace(path, aside)

@@ -75,10 +75,29 @@ def logout() -> Any:
 
 @bp.route("/setup", methods=["GET", "POST"])
 def setup() -> Any:
-    """Create the first administrator; exists only while there is no user at all."""
+    """Create the first administrator; exists only while there is no user at all.
+
+    Open to the network only on a truly new box (no images, never a user); from the box's own
+    screen (loopback) once it holds images; never after it has had users or its database was
+    rebuilt (appliance.dbguard): then the administrator is created with the CLI, and this page
+    answers 403 with the command.  Checked on POST as on GET.
+    """
+    from ipaddress import ip_address
+
+    from appliance.dbguard import first_admin_setup
+
     db = database()
     if accounts.user_count(db) > 0:
         abort(404)
+    state = first_admin_setup(db)
+    try:
+        client = ip_address(request.remote_addr or "")
+    except ValueError:
+        client = None
+    mapped = getattr(client, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    local = client is not None and (client.is_loopback or (mapped is not None and mapped.is_loopback))
+    if state == "closed" or (state == "local" and not local):
+        return render_template("auth/setup.html", closed=state, min_password=accounts.MIN_PASSWORD), 403
     error = ""
     if request.method == "POST":
         password = request.form.get("password", "")
