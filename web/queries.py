@@ -20,6 +20,10 @@ STATES = ("received", "analyzed", "reviewed", "sent", "report_received")
 # Outbox item states that mean "on its way" (appliance.forward.outbox.ACTIVE).
 OUTBOX_PENDING = ("queued", "sending", "delivered")
 ROUTER = "router"
+# Larger page numbers are read as this one (then clamped to the last page): no arithmetic on,
+# or SQL parameter from, a number with thirty digits.
+MAX_PAGE = 10**6
+LIKE_ESCAPE = "\\"
 
 
 def abstention_words(code: str) -> str:
@@ -118,13 +122,34 @@ def _in(values: list[str]) -> str:
     return ", ".join("?" * len(values))
 
 
+def page_number(raw: str) -> int:
+    """A ``page=`` value: 1 when absent, else ASCII digits meaning at least 1 (ValueError for
+    anything else: signs, spaces, 0, other scripts' digits).  Capped at ``MAX_PAGE``."""
+    if raw == "":
+        return 1
+    if not (raw.isascii() and raw.isdigit()):
+        raise ValueError("not a page number")
+    digits = raw.lstrip("0")
+    if not digits:
+        raise ValueError("pages start at 1")
+    return min(int(digits), MAX_PAGE) if len(digits) <= len(str(MAX_PAGE)) else MAX_PAGE
+
+
+def like_literal(text: str) -> str:
+    """``text`` for a LIKE pattern with ``ESCAPE '\\'``: its ``%``, ``_`` and backslashes match
+    themselves, not any characters."""
+    return text.replace(LIKE_ESCAPE, LIKE_ESCAPE * 2).replace("%", LIKE_ESCAPE + "%").replace("_", LIKE_ESCAPE + "_")
+
+
 def worklist(database: Any, search: str = "", priority: str = "", state: str = "", page: int = 1,
              page_size: int = 25) -> dict[str, Any]:
     """One page of the worklist in triage order, with everything a row shows."""
     where, params = [], []
     if search:
-        term = search.strip().replace("*", "").replace(" ", "%").replace(",", "%")
-        where.append("(p.name LIKE ? OR p.patient_id LIKE ? OR s.accession LIKE ?)")
+        # Spaces and commas stand for the name's ^ (or anything), typed characters for themselves.
+        term = like_literal(search.strip().replace("*", "")).replace(" ", "%").replace(",", "%")
+        like = f"LIKE ? ESCAPE '{LIKE_ESCAPE}'"
+        where.append(f"(p.name {like} OR p.patient_id {like} OR s.accession {like})")
         params += [f"%{term}%", f"{term}%", f"{term}%"]
     if priority in PRIORITIES:
         where.append("s.priority = ?")

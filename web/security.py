@@ -1,5 +1,11 @@
 """Security applied to every request: login gate, first-run set-up, session expiry, CSRF, roles,
-response headers, and the session signing key.
+response headers, the session signing key, and the server-side session records.
+
+A signed cookie alone cannot be taken back, so every session also has a row in
+``web_sessions`` (keyed by the sha256 of a random id the cookie carries): signing out deletes
+the row and a copy of the cookie replayed later finds nothing.  Ending *all* sessions of a user
+(password reset, role change, disabling) still bumps ``users.session_version``; signing out does
+not, so a user's other terminals stay signed in.
 
 The gate is deny-by-default: a route is reachable without a login only if its endpoint is in
 ``PUBLIC_ENDPOINTS``.  Adding a blueprint therefore cannot accidentally publish patient data.
@@ -7,6 +13,7 @@ The gate is deny-by-default: a route is reachable without a login only if its en
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
 import os
 import secrets
@@ -102,14 +109,41 @@ def wants_json() -> bool:
     return request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json"
 
 
+def _session_key(sid: str) -> str:
+    # Stored hashed: a copy of the table does not yield cookies that would be accepted.
+    return hashlib.sha256(sid.encode()).hexdigest()
+
+
 def start_session(user: accounts.User) -> None:
-    """A fresh session for a user who just proved who they are (new CSRF token: no fixation)."""
+    """A fresh session for a user who just proved who they are: a new server-side record and a
+    new CSRF token (no fixation); the record of the session it replaces is deleted."""
+    end_session()
+    sid, now = secrets.token_urlsafe(32), time.time()
+    with database().atomic() as tx:
+        # Sessions past the absolute limit can never be used again; forgotten here.
+        tx.execute("DELETE FROM web_sessions WHERE created_at < ?", (now - ABSOLUTE_SESSION_S,))
+        tx.execute("INSERT INTO web_sessions (id, user_id, created_at) VALUES (?, ?, ?)",
+                   (_session_key(sid), user.id, now))
+    session.update(uid=user.id, ver=user.session_version, sid=sid, seen=now, born=now,
+                   csrf=secrets.token_urlsafe(32))
+
+
+def end_session() -> None:
+    """Delete this session's server-side record and empty the cookie (the language stays)."""
+    sid = session.get("sid")
+    if sid:
+        with database().atomic() as tx:
+            tx.execute("DELETE FROM web_sessions WHERE id = ?", (_session_key(str(sid)),))
     language = session.get("lang")
     session.clear()
-    session.update(uid=user.id, ver=user.session_version, seen=time.time(), born=time.time(),
-                   csrf=secrets.token_urlsafe(32))
     if language:
         session["lang"] = language
+
+
+def _session_alive(db: Any, user_id: int) -> bool:
+    sid = session.get("sid")
+    return bool(sid) and bool(db.query("SELECT 1 FROM web_sessions WHERE id = ? AND user_id = ?",
+                                       (_session_key(str(sid)), user_id)))
 
 
 def _login_redirect(reason: str = "") -> ResponseReturnValue:
@@ -152,14 +186,14 @@ def _gate() -> Optional[ResponseReturnValue]:
     if uid is None:
         return _login_redirect()
     user = accounts.get_user(db, int(uid))
-    if user is None or user.disabled or user.session_version != session.get("ver"):
-        session.clear()
+    if user is None or user.disabled or user.session_version != session.get("ver") or not _session_alive(db, user.id):
+        end_session()
         return _login_redirect("ended")
     now = time.time()
     idle = now - float(session.get("seen", 0))
     if idle > current_app.config["IDLE_TIMEOUT_S"] or now - float(session.get("born", 0)) > ABSOLUTE_SESSION_S:
         audit.record(db, user.username, "session_expired")
-        session.clear()
+        end_session()
         return _login_redirect("expired")
     view = current_app.view_functions.get(endpoint)
     if not getattr(view, "_passive", False):

@@ -47,16 +47,38 @@ def test_lockout_window(db) -> None:
     user = accounts.create_user(db, "nurse", "nurse-password", "staff")
     accounts.set_pin(db, user.id, "1234")
     now = datetime.now(timezone.utc)
-    for _ in range(accounts.MAX_FAILURES - 1):
-        assert accounts.authenticate(db, "nurse", "9999", "pin", now=now) is None
-    with pytest.raises(accounts.LockedError):
-        accounts.authenticate(db, "nurse", "wrong-password", "password", now=now)  # one shared counter
-    with pytest.raises(accounts.LockedError):
-        accounts.authenticate(db, "nurse", "1234", "pin", now=now + timedelta(seconds=accounts.LOCKOUT_S - 1))
-    later = now + timedelta(seconds=accounts.LOCKOUT_S + 1)
-    assert accounts.authenticate(db, "nurse", "1234", "pin", now=later) is not None
-    assert accounts.find_user(db, "nurse").failed_logins == 0
+    kiosk, desk = "10.1.1.1", "10.1.1.2"
+    for _ in range(accounts.ACCOUNT_FREE_FAILURES - 1):
+        assert accounts.authenticate(db, "nurse", "9999", "pin", now=now, client=kiosk) is None
+    with pytest.raises(accounts.LockedError) as locked:  # PIN and password failures share the counter
+        accounts.authenticate(db, "nurse", "wrong-password", "password", now=now, client=kiosk)
+    assert locked.value.attempted and locked.value.scope == "account" and locked.value.retry_after == 1
+    with pytest.raises(accounts.LockedError) as refused:
+        accounts.authenticate(db, "nurse", "1234", "pin", now=now + timedelta(seconds=0.5), client=kiosk)
+    assert not refused.value.attempted
+    # A terminal that has not been failing is not held back...
+    assert accounts.authenticate(db, "nurse", "1234", "pin", now=now, client=desk) is not None
+    # ...and the failing one is let in once its delay has run.
+    later = now + timedelta(seconds=1)
+    assert accounts.authenticate(db, "nurse", "1234", "pin", now=later, client=kiosk) is not None
+    state = accounts.lock_state(db, "nurse", now=later)
+    assert state == accounts.LockState(failures=accounts.ACCOUNT_FREE_FAILURES, wait_s=0, pin_blocked=False)
+    assert accounts.unlock(db, "NURSE") == 1  # names are case-insensitive
+    assert accounts.lock_state(db, "nurse").failures == 0
     assert accounts.authenticate(db, "nobody", "x") is None  # unknown users do not raise
+
+
+def test_password_reset_unlocks(db) -> None:
+    user = accounts.create_user(db, "nurse", "nurse-password", "staff")
+    for _ in range(accounts.ACCOUNT_FREE_FAILURES + 3):
+        try:
+            accounts.authenticate(db, "nurse", "wrong-password", client="10.1.1.1")
+        except accounts.LockedError:
+            pass
+    assert accounts.lock_state(db, "nurse").wait_s > 0
+    accounts.set_password(db, user.id, "another-password")
+    assert accounts.lock_state(db, "nurse") == accounts.LockState(0, 0, False)
+    assert accounts.authenticate(db, "nurse", "another-password", client="10.1.1.1") is not None
 
 
 def test_disabled_user_cannot_sign_in(db) -> None:

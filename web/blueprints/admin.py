@@ -9,7 +9,7 @@ from flask_babel import gettext as _
 
 from appliance import accounts, audit
 
-from .. import engines_info
+from .. import engines_info, queries
 from ..security import database, roles_required
 from .auth import account_error_words
 from .study import destination_details
@@ -31,8 +31,10 @@ def index() -> Any:
 
 @bp.get("/users")
 def users() -> Any:
-    return render_template("admin/users.html", users=accounts.list_users(database()), roles=accounts.ROLES,
-                           min_password=accounts.MIN_PASSWORD, now=audit.utc_now())
+    db = database()
+    rows = accounts.list_users(db)
+    return render_template("admin/users.html", users=rows, roles=accounts.ROLES, min_password=accounts.MIN_PASSWORD,
+                           locks={u.id: accounts.lock_state(db, u.username) for u in rows})
 
 
 @bp.post("/users")
@@ -76,6 +78,8 @@ def update_user(user_id: int) -> Any:
             accounts.set_password(db, user_id, value)
         elif action == "pin":
             accounts.set_pin(db, user_id, value or None)
+        elif action == "unlock":
+            accounts.unlock(db, target.username)
         else:
             abort(400)
     except accounts.AccountError as exc:
@@ -119,8 +123,14 @@ def audit_log() -> Any:
     study_uid = request.args.get("study", "").strip()[:64]
     action = request.args.get("action", "")
     action = action if action in audit.ACTIONS else ""
-    page = max(1, request.args.get("page", 1, type=int) or 1)
+    try:
+        page = queries.page_number(request.args.get("page", ""))
+    except ValueError:
+        abort(400)
     rows, total = audit.entries(database(), actor, study_uid, action, AUDIT_PAGE, (page - 1) * AUDIT_PAGE)
     pages = max(1, -(-total // AUDIT_PAGE))
+    if page > pages:  # past the end (an old link, a typed number): the last page
+        page = pages
+        rows, total = audit.entries(database(), actor, study_uid, action, AUDIT_PAGE, (page - 1) * AUDIT_PAGE)
     return render_template("admin/audit.html", rows=rows, total=total, page=page, pages=pages,
                            filters={"user": actor, "study": study_uid, "action": action}, actions=audit.ACTIONS)

@@ -1,7 +1,6 @@
 """Sign-in (password or touchscreen PIN), sign-out, first-administrator set-up, own account."""
 from __future__ import annotations
 
-import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -11,7 +10,7 @@ from flask_babel import gettext as _
 from appliance import accounts, audit
 
 from ..i18n import LANGUAGES
-from ..security import database, start_session
+from ..security import database, end_session, start_session
 
 bp = Blueprint("auth", __name__)
 
@@ -24,9 +23,25 @@ def _safe_next(target: str) -> str:
     return target
 
 
+def _wait_words(seconds: int) -> str:
+    if seconds < 120:
+        return _("%(n)d s", n=seconds)
+    if seconds < 2 * 3600:
+        return _("%(n)d min", n=-(-seconds // 60))
+    if seconds < 2 * 86400:
+        return _("%(n)d h", n=-(-seconds // 3600))
+    return _("%(n)d d", n=-(-seconds // 86400))
+
+
 def _locked_message(exc: accounts.LockedError) -> str:
-    minutes = max(1, int(-(-(exc.until.timestamp() - time.time()) // 60)))
-    return _("Too many failed attempts. This account is locked for %(n)d more minute(s).", n=minutes)
+    """Words for a sign-in limit.  They name the limit, never whether the user name exists."""
+    if exc.scope == "pin":
+        return _("PIN sign-in is blocked for this user name after too many wrong PINs. Sign in with your "
+                 "password and set a new PIN, or ask an administrator to unlock it.")
+    if exc.scope == "account":
+        return _("Too many failed sign-ins for this user name from this device: locked for %(wait)s. An "
+                 "administrator can unlock it.", wait=_wait_words(exc.retry_after))
+    return _("Too many sign-in attempts from this device: locked for %(wait)s.", wait=_wait_words(exc.retry_after))
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -40,15 +55,20 @@ def login() -> Any:
     reason = request.args.get("reason", "")
     error = ""
     status = 200
+    headers: dict[str, str] = {}
     if request.method == "POST":
         db = database()
         username = request.form.get("username", "").strip()
         secret = request.form.get("pin" if method == "pin" else "password", "")
         try:
-            user = accounts.authenticate(db, username, secret, method)
+            user = accounts.authenticate(db, username, secret, method, client=request.remote_addr or "")
         except accounts.LockedError as exc:
-            audit.record(db, username[:32], "login_locked", detail={"method": method})
+            if exc.attempted:
+                # Only a checked attempt is recorded: refusals are cheap for a flood to
+                # produce and would bury the trail.
+                audit.record(db, username[:32] or "-", "login_locked", detail={"method": method, "limit": exc.scope})
             error, status = _locked_message(exc), 429
+            headers["Retry-After"] = str(exc.retry_after)
         else:
             if user is None:
                 audit.record(db, username[:32] or "-", "login_failed", detail={"method": method})
@@ -60,16 +80,13 @@ def login() -> Any:
                 audit.record(db, user.username, "login", detail={"method": method})
                 return redirect(_safe_next(request.form.get("next", "")))
     return render_template("auth/login.html", method=method, error=error, reason=reason,
-                           next=request.values.get("next", "")), status
+                           next=request.values.get("next", "")), status, headers
 
 
 @bp.post("/logout")
 def logout() -> Any:
     audit.record(database(), g.user.username, "logout")
-    language = session.get("lang")
-    session.clear()
-    if language:
-        session["lang"] = language
+    end_session()  # the server-side record goes: a copy of the cookie no longer signs anyone in
     return redirect(url_for("auth.login", reason="signed_out"))
 
 
@@ -144,7 +161,8 @@ def account() -> Any:
                 accounts.set_language(db, user.id, request.form.get("language", ""))
                 audit.record(db, user.username, "language_change", detail={"language": request.form.get("language")})
             elif action in ("password", "pin"):
-                if accounts.authenticate(db, user.username, request.form.get("current", "")) is None:
+                if accounts.authenticate(db, user.username, request.form.get("current", ""),
+                                         client=request.remote_addr or "") is None:
                     flash(_("Your current password is not correct."), "error")
                     return redirect(url_for("auth.account"))
                 if action == "password":

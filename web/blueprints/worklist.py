@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app, render_template, request
+from flask import Blueprint, abort, current_app, render_template, request
 
 from .. import queries
 from ..security import database
@@ -12,11 +12,12 @@ bp = Blueprint("worklist", __name__)
 
 
 def filters() -> dict[str, Any]:
-    """The worklist's query-string filters, sanitised (unknown values are ignored)."""
+    """The worklist's query-string filters, sanitised (unknown values are ignored; a page that
+    is not a page number is a bad request, one past the end shows the last page)."""
     try:
-        page = max(1, int(request.args.get("page", "1")))
+        page = queries.page_number(request.args.get("page", ""))
     except ValueError:
-        page = 1
+        abort(400)
     priority = request.args.get("priority", "")
     state = request.args.get("state", "")
     return {
