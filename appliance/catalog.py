@@ -1,12 +1,11 @@
 """Read-side queries over what is stored: the data behind `appliance studies` and the worklist."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
-import json
-
 from .db import Database
-from .triage import WORKLIST_ORDER
+from .triage import WORKLIST_ORDER, current_results
 
 SCHEMA_VERSION = 1
 
@@ -44,9 +43,11 @@ def list_studies(database: Database) -> list[dict[str, Any]]:
         series_by_study.setdefault(row.pop("study_uid"), []).append(
             {**row, "instance_count": len(instances), "instances": instances}
         )
+    failures = study_failures(database, [s["study_uid"] for s in studies])
     out = []
     for s in studies:
         series = series_by_study.get(s["study_uid"], [])
+        study_failed = failures.get(s["study_uid"], [])
         out.append(
             {
                 "study_uid": s["study_uid"],
@@ -71,9 +72,59 @@ def list_studies(database: Database) -> list[dict[str, Any]]:
                 "series_count": len(series),
                 "instance_count": sum(x["instance_count"] for x in series),
                 "series": series,
+                "failures": study_failed,
+                "notes": failure_notes(study_failed),
             }
         )
     return out
+
+
+def study_failures(database: Database, study_uids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Per study, what of the AI's work failed: analysis jobs, models on an image, AI objects.
+
+    Each entry: ``stage`` ("analysis" or "objects"), ``sop_instance_uid``, ``model`` and
+    ``model_version`` (empty for a whole job), ``reason``.  Only the newest version of each model
+    counts, as for triage: a newer model that succeeded supersedes an older one that failed.
+    """
+    if not study_uids:
+        return {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for chunk in range(0, len(study_uids), 500):  # SQLite's bound-parameter limit
+        uids = study_uids[chunk:chunk + 500]
+        marks = ", ".join("?" * len(uids))
+        # An image's latest job only: a later (re-)analysis that ran supersedes a failed one.
+        for row in database.query(f"SELECT study_uid, sop_instance_uid, last_error FROM analysis_jobs j "
+                                  f"WHERE state = 'failed' AND study_uid IN ({marks}) AND id = (SELECT MAX(id) "
+                                  f"FROM analysis_jobs WHERE sop_instance_uid = j.sop_instance_uid) ORDER BY id",
+                                  tuple(uids)):
+            out.setdefault(row["study_uid"], []).append(
+                {"stage": "analysis", "sop_instance_uid": row["sop_instance_uid"], "model": "", "model_version": "",
+                 "reason": row["last_error"]})
+        by_study: dict[str, list[dict[str, Any]]] = {}
+        for row in database.query(f"SELECT * FROM analysis_results WHERE study_uid IN ({marks}) ORDER BY id",
+                                  tuple(uids)):
+            by_study.setdefault(row["study_uid"], []).append(row)
+        for study_uid, rows in by_study.items():
+            for r in current_results(rows):
+                for stage, failed, reason in (("analysis", r["status"] == "failed", r["error"]),
+                                              ("objects", r["objects_state"] == "failed", r["objects_error"])):
+                    if failed:
+                        out.setdefault(study_uid, []).append(
+                            {"stage": stage, "sop_instance_uid": r["sop_instance_uid"], "model": r["model_id"],
+                             "model_version": r["model_version"], "reason": reason})
+    return out
+
+
+def failure_notes(failures: list[dict[str, Any]]) -> list[str]:
+    """The failures in words, one line per distinct failure ("AI objects failed (model 1.0): why")."""
+    notes: list[str] = []
+    for f in failures:
+        what = "AI objects failed" if f["stage"] == "objects" else "analysis failed"
+        model = f" ({f['model']} {f['model_version']})" if f["model"] else ""
+        note = f"{what}{model}: {f['reason']}"
+        if note not in notes:
+            notes.append(note)
+    return notes
 
 
 def _analysis(results: list[dict[str, Any]], job_error: str | None) -> dict[str, Any]:

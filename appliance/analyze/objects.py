@@ -8,7 +8,10 @@ same findings) to get the heatmap overlay, stores the SR and SC through the dura
 deterministic UIDs (a crash and re-run replaces, never duplicates), then records their paths.
 
 Forwarding waits for a study's objects (see ``forward.outbox.claim_next``) so a hub receives
-them with the images.
+them with the images; so every row ends ``done`` or ``failed`` with a reason, whatever a builder
+raises, and a failed row lets the study go without its objects.  As for analysis jobs, an attempt
+is counted when the row is claimed, so a build that takes the process down is failed by the
+start-up recovery after ``analyze.max_attempts`` instead of crashing the box forever.
 """
 from __future__ import annotations
 
@@ -22,15 +25,17 @@ import pydicom
 
 from ..config import Config
 from ..db import Database
-from ..errors import InferenceError, ManifestError, StoreError
+from ..errors import InferenceError, StoreError
 from ..results import build_ai_sr, build_heatmap_sc, write_part10
 from ..results.common import derived_uid
 from ..store import InstanceStore, utc_now
-from .runner import get_runner
+from .runner import failure_reason, get_runner, interrupted_reason
 
 log = logging.getLogger(__name__)
 
 BACKOFF_CAP_S = 300
+# Conditions that pass (I/O, a busy database, a full disk): retried with backoff, not failed.
+TRANSIENT = (OSError, sqlite3.OperationalError, StoreError)
 
 
 def result_uid(source_uid: str, model_id: str, version: str, kind: str) -> str:
@@ -48,8 +53,17 @@ class ResultObjects:
         self.max_attempts = int(config["analyze"]["max_attempts"])
 
     def recover(self) -> None:
+        """Rows left 'building' by a crash go back to 'pending', unless they have had their
+        ``max_attempts``: those are failed (every one of their attempts ended the process)."""
         with self.db.atomic() as tx:
+            exhausted = tx.execute("SELECT id, objects_attempts FROM analysis_results WHERE objects_state = 'building' "
+                                   "AND objects_attempts >= ?", (self.max_attempts,)).fetchall()
+            for row_id, attempts in exhausted:
+                tx.execute("UPDATE analysis_results SET objects_state = 'failed', objects_error = ? WHERE id = ?",
+                           (interrupted_reason(attempts, "building the AI objects of this result"), row_id))
             tx.execute("UPDATE analysis_results SET objects_state = 'pending' WHERE objects_state = 'building'")
+        for row_id, attempts in exhausted:
+            log.error("result %d: objects failed, interrupted %d times, not built again", row_id, attempts)
 
     def claim(self) -> Optional[dict[str, Any]]:
         now = utc_now()
@@ -58,7 +72,9 @@ class ResultObjects:
                              "ORDER BY id LIMIT 1", (now,)).fetchone()
             if row is None:
                 return None
-            tx.execute("UPDATE analysis_results SET objects_state = 'building' WHERE id = ?", (row[0],))
+            # Counted before building: an attempt that kills the process is an attempt.
+            tx.execute("UPDATE analysis_results SET objects_state = 'building', "
+                       "objects_attempts = objects_attempts + 1 WHERE id = ?", (row[0],))
         return self.db.query("SELECT * FROM analysis_results WHERE id = ?", (row[0],))[0]
 
     def build_once(self) -> bool:
@@ -68,10 +84,14 @@ class ResultObjects:
             return False
         try:
             sr_uid, sr_path, hm_uid, hm_path = self._build(row)
-        except (OSError, sqlite3.OperationalError, StoreError) as exc:
+        except TRANSIENT as exc:
             self._retry(row, f"{type(exc).__name__}: {exc}")
-        except (ManifestError, InferenceError, ValueError) as exc:
-            self._finish(row, "failed", error=f"result objects cannot be built: {exc}")
+        except (KeyboardInterrupt, SystemExit):
+            raise  # the process is stopping: the row stays 'building' and recovery re-queues it
+        except BaseException as exc:  # noqa: BLE001 - whatever a builder raises ends this row
+            log.error("result %d (%s): building its objects raised %s", row["id"], row["model_id"],
+                      type(exc).__name__)
+            self._finish(row, "failed", error=f"result objects cannot be built: {failure_reason(exc)}")
         else:
             self._finish(row, "done", sr_uid=sr_uid, sr_path=sr_path, hm_uid=hm_uid, hm_path=hm_path)
         return True
@@ -99,24 +119,20 @@ class ResultObjects:
 
     def _finish(self, row: dict[str, Any], state: str, *, error: str = "", sr_uid: str = "", sr_path: str = "",
                 hm_uid: str = "", hm_path: str = "") -> None:
-        if error:
-            log.error("result %d (%s): %s", row["id"], row["model_id"], error[:200])
         with self.db.atomic() as tx:
             tx.execute("UPDATE analysis_results SET objects_state = ?, objects_error = ?, sr_sop_instance_uid = ?, "
                        "sr_path = ?, heatmap_sop_instance_uid = ?, heatmap_path = ? WHERE id = ?",
                        (state, error, sr_uid, sr_path, hm_uid, hm_path, row["id"]))
 
     def _retry(self, row: dict[str, Any], error: str) -> None:
-        attempts = row["objects_attempts"] + 1
+        attempts = row["objects_attempts"]  # this attempt included (counted at the claim)
         if attempts >= self.max_attempts:
-            with self.db.atomic() as tx:
-                tx.execute("UPDATE analysis_results SET objects_state = 'failed', objects_attempts = ?, "
-                           "objects_error = ? WHERE id = ?", (attempts, error, row["id"]))
+            self._finish(row, "failed", error=error)
             log.error("result %d: objects failed after %d attempts: %s", row["id"], attempts, error)
             return
         delay = min(BACKOFF_CAP_S, 2 ** attempts)
         next_at = (datetime.now(timezone.utc) + timedelta(seconds=delay)).isoformat(timespec="milliseconds")
         log.warning("result %d: transient failure building objects (%s), retry in %ds", row["id"], error, delay)
         with self.db.atomic() as tx:
-            tx.execute("UPDATE analysis_results SET objects_state = 'pending', objects_attempts = ?, objects_error = ?, "
-                       "objects_next_at = ? WHERE id = ?", (attempts, error, next_at, row["id"]))
+            tx.execute("UPDATE analysis_results SET objects_state = 'pending', objects_error = ?, "
+                       "objects_next_at = ? WHERE id = ?", (error, next_at, row["id"]))

@@ -2,9 +2,10 @@
 
 ``ModelRunner`` holds a loaded backend session and the package's OOD statistics, so it is
 built once per model and reused for every image (``get_runner`` caches them per process).
-Nothing here raises for a bad *image*: decode failures and gate refusals become an
+Nothing here raises for a bad *image* on purpose: decode failures and gate refusals become an
 ``abstention`` on the result, so one unreadable file never stops a worker.  Bad *models*
 (ManifestError, InferenceError) do raise: they are configuration faults, not patient data.
+Whatever else an image makes a library raise, the caller records with :func:`failure_reason`.
 """
 from __future__ import annotations
 
@@ -27,6 +28,25 @@ from .manifest import Manifest, find_model
 log = logging.getLogger(__name__)
 
 AI_NOTICE = "AI assist — not a diagnosis"
+REASON_MAX = 300  # characters of an exception's message kept as a case's failure reason
+
+
+def failure_reason(exc: BaseException) -> str:
+    """``Type: first line of the message``, short: the reason recorded on the case.
+
+    Recorded in the database (which holds the case anyway), never logged: a library's message
+    may quote the value it choked on, and that value may be a patient's name.
+    """
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= REASON_MAX else text[:REASON_MAX - 1] + "…"
+
+
+def interrupted_reason(attempts: int, doing: str) -> str:
+    """The reason for work whose every attempt ended with the process (a crash, a kill, the OOM
+    killer): after ``attempts`` of them it is not tried again."""
+    times = "once" if attempts == 1 else f"{attempts} times"
+    return f"Interrupted: the appliance stopped {times} while {doing} (a crash or a kill); not tried again"
 
 
 @dataclass

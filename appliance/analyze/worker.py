@@ -11,13 +11,18 @@ get deterministic UIDs, so a crash anywhere re-runs the job without duplicating 
 Transient failures (I/O, a busy database, a full disk) retry with capped exponential backoff;
 permanent ones (a model that cannot load, pixels that cannot be decoded) become a visible
 "failed" result for that image and model and never block other jobs.
+
+Every job ends ``done`` or ``failed`` with a reason, whatever the image makes a library raise: a
+model that raises on an image fails that model's result, anything else fails the job.  An attempt
+is counted when the job is claimed, before it runs, so an image that takes the whole process down
+(a segfault in a decoder, the OOM killer) is counted too: after ``analyze.max_attempts`` the
+start-up recovery fails it instead of running the same crash again.
 """
 from __future__ import annotations
 
 import json
 import os
 import logging
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -32,11 +37,11 @@ from .. import triage
 from ..background import BackgroundService
 from ..config import Config
 from ..db import Database
-from ..errors import InferenceError, ManifestError, StoreError
+from ..errors import InferenceError, ManifestError
 from ..store import InstanceStore, utc_now
 from .manifest import Manifest, discover_models, load_manifest
-from .objects import ResultObjects
-from .runner import AnalysisResult, get_runner
+from .objects import TRANSIENT, ResultObjects
+from .runner import AnalysisResult, failure_reason, get_runner, interrupted_reason
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,11 @@ class Route:
 
 def _ts(dt: datetime) -> str:
     return dt.isoformat(timespec="milliseconds")
+
+
+def _instance_state(statuses: set[str]) -> str:
+    """An image's state from its results' statuses: one analysis is enough to be analyzed."""
+    return "analyzed" if "analyzed" in statuses else "failed" if "failed" in statuses else "abstained"
 
 
 class ModelCatalog:
@@ -137,10 +147,18 @@ class AnalysisWorker(BackgroundService):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def recover(self) -> int:
-        """Jobs left 'running' by a crash go back to 'pending'."""
+        """Jobs left 'running' by a crash go back to 'pending', unless they have had their
+        ``max_attempts``: those are failed (every one of their attempts ended the process)."""
+        now = utc_now()
         with self.db.atomic() as tx:
+            exhausted = tx.execute("SELECT id, sop_instance_uid, study_uid, attempts FROM analysis_jobs "
+                                   "WHERE state = 'running' AND attempts >= ?", (self.max_attempts,)).fetchall()
+            for job_id, sop, study, attempts in exhausted:
+                self._mark_failed(tx, job_id, sop, study, interrupted_reason(attempts, "analysing this image"), now)
             cur = tx.execute("UPDATE analysis_jobs SET state = 'pending' WHERE state = 'running'")
-            return cur.rowcount
+        for job_id, _, _, attempts in exhausted:
+            log.error("analysis job %d failed: interrupted %d times, not run again", job_id, attempts)
+        return cur.rowcount
 
     def start(self) -> None:
         recovered = self.recover()
@@ -207,7 +225,9 @@ class AnalysisWorker(BackgroundService):
             row = tx.execute(f"SELECT id FROM analysis_jobs WHERE {where} ORDER BY id LIMIT 1", params).fetchone()
             if row is None:
                 return None
-            tx.execute("UPDATE analysis_jobs SET state = 'running', updated_at = ? WHERE id = ?", (now, row[0]))
+            # Counted before the job runs: an attempt that kills the process is an attempt.
+            tx.execute("UPDATE analysis_jobs SET state = 'running', attempts = attempts + 1, updated_at = ? "
+                       "WHERE id = ?", (now, row[0]))
         return self.db.query("SELECT * FROM analysis_jobs WHERE id = ?", (row[0],))[0]
 
     def run_once(self, study_uid: Optional[str] = None) -> bool:
@@ -217,8 +237,14 @@ class AnalysisWorker(BackgroundService):
             return False
         try:
             self.process(job)
-        except (OSError, sqlite3.OperationalError, StoreError) as exc:
+        except TRANSIENT as exc:
             self._retry(job, f"{type(exc).__name__}: {exc}")
+        except (KeyboardInterrupt, SystemExit):
+            raise  # the process is stopping: the job stays 'running' and recovery re-queues it
+        except BaseException as exc:  # noqa: BLE001 - whatever an image raises ends its job
+            self._fail(job, failure_reason(exc))
+            log.error("analysis job %d failed: %s raised outside a model (reason recorded on the case)",
+                      job["id"], type(exc).__name__)
         return True
 
     def run_until_idle(self, study_uid: Optional[str] = None, timeout_s: float = 600) -> None:
@@ -236,22 +262,33 @@ class AnalysisWorker(BackgroundService):
                 time.sleep(0.2)
 
     def _retry(self, job: dict[str, Any], error: str) -> None:
-        attempts = job["attempts"] + 1
+        attempts = job["attempts"]  # this attempt included (counted at the claim)
         now = datetime.now(timezone.utc)
         if attempts >= self.max_attempts:
             log.error("analysis job %d failed permanently after %d attempts: %s", job["id"], attempts, error)
-            with self.db.atomic() as tx:
-                tx.execute("UPDATE analysis_jobs SET state = 'failed', attempts = ?, last_error = ?, updated_at = ? "
-                           "WHERE id = ?", (attempts, error, _ts(now), job["id"]))
-                tx.execute("UPDATE instances SET state = 'failed' WHERE sop_instance_uid = ?", (job["sop_instance_uid"],))
-                triage.update_study(tx, job["study_uid"], _ts(now))
+            self._fail(job, error)
             return
         delay = min(BACKOFF_CAP_S, 2 ** attempts)
         log.warning("analysis job %d: transient failure (%s), retry in %ds", job["id"], error, delay)
         with self.db.atomic() as tx:
-            tx.execute("UPDATE analysis_jobs SET state = 'pending', attempts = ?, last_error = ?, next_attempt_at = ?, "
-                       "updated_at = ? WHERE id = ?",
-                       (attempts, error, _ts(now + timedelta(seconds=delay)), _ts(now), job["id"]))
+            tx.execute("UPDATE analysis_jobs SET state = 'pending', last_error = ?, next_attempt_at = ?, "
+                       "updated_at = ? WHERE id = ?", (error, _ts(now + timedelta(seconds=delay)), _ts(now), job["id"]))
+
+    def _fail(self, job: dict[str, Any], reason: str) -> None:
+        with self.db.atomic() as tx:
+            self._mark_failed(tx, job["id"], job["sop_instance_uid"], job["study_uid"], reason, utc_now())
+
+    @staticmethod
+    def _mark_failed(tx: Any, job_id: int, sop: str, study: str, reason: str, now: str) -> None:
+        """The job failed with ``reason``; the image and the study's triage say so."""
+        cur = tx.execute("UPDATE analysis_jobs SET state = 'failed', last_error = ?, updated_at = ? "
+                         "WHERE id = ? AND state = 'running'", (reason, now, job_id))
+        if not cur.rowcount:  # already settled (its results were committed): nothing failed
+            return
+        statuses = {r[0] for r in tx.execute("SELECT status FROM analysis_results WHERE sop_instance_uid = ?", (sop,))}
+        tx.execute("UPDATE instances SET state = ? WHERE sop_instance_uid = ?",
+                   (_instance_state(statuses | {"failed"}), sop))
+        triage.update_study(tx, study, now)
 
     # -- one job -------------------------------------------------------------------------
     def process(self, job: dict[str, Any]) -> None:
@@ -287,6 +324,12 @@ class AnalysisWorker(BackgroundService):
             result = runner.analyze(path, make_heatmap=False)
         except (ManifestError, InferenceError) as exc:
             return self._row(job, r.model_id, r.version, "failed", error=f"model cannot run: {exc}")
+        except (TRANSIENT + (KeyboardInterrupt, SystemExit)):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - this model fails on this image; others still run
+            log.error("analysis job %d: %s raised %s on this image (reason recorded on the case)",
+                      job["id"], r.model_id, type(exc).__name__)
+            return self._row(job, r.model_id, r.version, "failed", error=f"analysis failed: {failure_reason(exc)}")
         if result.abstention is not None and result.abstention.code == "UNREADABLE_PIXELS" \
                 and result.abstention.reason.startswith("cannot decode"):
             # Corrupt pixel data is a failure of this case, not a judgement about the image.
@@ -325,14 +368,15 @@ class AnalysisWorker(BackgroundService):
                 )
             statuses = {r[0] for r in tx.execute(
                 "SELECT status FROM analysis_results WHERE sop_instance_uid = ?", (job["sop_instance_uid"],))}
-            state = "analyzed" if "analyzed" in statuses else "failed" if "failed" in statuses else "abstained"
-            tx.execute("UPDATE analysis_jobs SET state = 'done', attempts = attempts + 1, updated_at = ? WHERE id = ?",
-                       (now, job["id"]))
-            tx.execute("UPDATE instances SET state = ? WHERE sop_instance_uid = ?", (state, job["sop_instance_uid"]))
+            tx.execute("UPDATE analysis_jobs SET state = 'done', updated_at = ? WHERE id = ?", (now, job["id"]))
+            tx.execute("UPDATE instances SET state = ? WHERE sop_instance_uid = ?",
+                       (_instance_state(statuses), job["sop_instance_uid"]))
             priority = triage.update_study(tx, job["study_uid"], now)
         for row in rows:
+            # An error's kind only (the words before its first colon are ours): the rest may quote
+            # a library's message, and that may quote a patient's name.
             log.info("analysis %s: %s %s (%s)", row["sop_instance_uid"], row["model_id"], row["status"],
-                     row["abstention_code"] or row["error"][:80] or "ok")
+                     row["abstention_code"] or row["error"].split(":", 1)[0][:80] or "ok")
         if priority == "urgent":
             log.info("study %s is urgent", job["study_uid"])
 

@@ -22,6 +22,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 
 from .. import audit
+from ..catalog import failure_notes, study_failures
 from ..config import Config
 from ..db import Database
 from ..store import utc_now
@@ -84,7 +85,8 @@ def refresh_instances(database: Database, item: dict[str, Any], attach_ai_result
 # -- the sender's transitions -----------------------------------------------------------------
 # For a destination that takes the AI results, a study is sent once its analysis and its AI
 # result objects are done, so the hub gets them together (an urgent study waits seconds for its
-# SR and heatmap, instead of arriving without them).
+# SR and heatmap, instead of arriving without them).  Done includes failed: a study whose AI
+# objects failed goes with what exists, and its notes, forwarding status and event say so.
 STUDY_READY = (
     "(NOT EXISTS (SELECT 1 FROM analysis_jobs j WHERE j.study_uid = o.study_uid "
     "AND j.state IN ('pending', 'running')) "
@@ -196,9 +198,11 @@ def confirm_present(database: Database, item_id: int, remote_present: set[str]) 
                               (item_id,)).fetchone()[0])
 
 
-def settle(database: Database, item_id: int) -> str:
+def settle(database: Database, item_id: int, attach_ai_results: bool = False) -> str:
     """Move the item to the state its instances imply and return it; on confirmation mark the
-    study 'sent' (once every item of the study is confirmed), with an event and an audit entry."""
+    study 'sent' (once every item of the study is confirmed), with an event and an audit entry.
+    For a destination that takes the AI results, these record what AI output failed and so was
+    not sent (``notes``)."""
     now = utc_now()
     with database.atomic() as tx:
         item = dict(zip(("state", "study_uid", "destination", "requested_by"), tx.execute(
@@ -229,6 +233,10 @@ def settle(database: Database, item_id: int) -> str:
                       "instances": counts.get("confirmed", 0)}
             if reason:
                 detail["reason"] = reason
+            notes = failure_notes(study_failures(database, [item["study_uid"]]).get(item["study_uid"], [])) \
+                if attach_ai_results else []
+            if notes:
+                detail["notes"] = notes
             tx.execute("INSERT INTO events (at, kind, study_uid, detail) VALUES (?, ?, ?, ?)",
                        (now, "forwarded" if state == "confirmed" else "forward_failed", item["study_uid"],
                         json.dumps(detail)))

@@ -192,7 +192,7 @@ class Forwarder(BackgroundService):
             self._peers.pop(dest["name"], None)
             peer.close()
             raise
-        states = {i: outbox.settle(self.db, i) for i in ids}
+        states = {i: outbox.settle(self.db, i, dest["attach_ai_results"]) for i in ids}
         unlisted = [i for i, state in states.items() if state in ("sending", "delivered")]
         if unlisted:
             # Acknowledged but not listed by the hub: not confirmed, so try again later.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..catalog import failure_notes, study_failures
 from ..config import Config
 from ..db import Database
 from .outbox import ACTIVE, CLINIC_SOURCES
@@ -92,7 +93,9 @@ def study_forwarding(database: Database, study_uid: str, config: Config | None =
     """Per destination, the latest outbox item of a study: state, last error, next retry, counts.
 
     For the study view.  ``last_error`` is the last transient problem (the item keeps retrying);
-    ``reason`` says why a ``failed`` item was not sent (a refusal or the box's policy).
+    ``reason`` says why a ``failed`` item was not sent (a refusal or the box's policy); ``notes``
+    what AI output of the study failed and so is not among what the item sends (for destinations
+    that take the AI results; for every destination when ``config`` is None).
     """
     items = database.query(
         "SELECT o.*, MAX(o.next_attempt_at, COALESCE(d.next_attempt_at, '')) AS next_retry FROM outbox_items o "
@@ -100,7 +103,10 @@ def study_forwarding(database: Database, study_uid: str, config: Config | None =
         "(SELECT MAX(id) FROM outbox_items WHERE study_uid = ? GROUP BY destination) ORDER BY o.destination",
         (study_uid, study_uid))
     out = _with_counts(database, items, config)
+    ai_destinations = _ai_destinations(config)
+    notes = failure_notes(study_failures(database, [study_uid]).get(study_uid, []))
     for entry in out:
+        entry["notes"] = notes if ai_destinations is None or entry["destination"] in ai_destinations else []
         if entry["state"] in ("confirmed", "failed", "cancelled"):
             entry["next_attempt_at"] = ""
         if entry["state"] not in ACTIVE:

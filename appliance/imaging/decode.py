@@ -16,6 +16,9 @@ Output convention, relied on by ``preprocess.py``, ``gate.py`` and ``heatmap.py`
 * Multi-frame images: one frame is analysed.  The rule is ``frame=None`` -> the **middle frame**
   (``frames // 2``), because the first frames of ultrasound clips are often the probe settling;
   an explicit ``frame`` index (0-based, negative counts from the end) overrides it.
+* An empty or invalid Number of Frames (absent is a single-frame image) is a broken header: the
+  image is read as one frame only when its pixel data holds exactly one (by length, or by the
+  fragments of encapsulated data); otherwise it is refused with the count it does hold.
 
 Every failure to produce pixels becomes a :class:`DecodeError` whose message says why.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -30,9 +34,11 @@ from typing import Any, Optional, Union
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments, parse_basic_offsets
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, apply_windowing
 from pydicom.pixels import pixel_array as pydicom_pixel_array
+from pydicom.uid import UID
 
 from ..errors import DecodeError
 
@@ -44,6 +50,11 @@ LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # CHROMA_FRACTION of its pixels is "really" colour; RGB-encoded grey images are not.
 CHROMA_LEVEL = 16.0
 CHROMA_FRACTION = 0.01
+# What begins a frame's first fragment, per encapsulated transfer syntax family (PS3.5 A.4):
+# a JPEG / JPEG-LS SOI marker, a JPEG 2000 codestream (SOC + SIZ) or JP2 file signature.
+JPEG_SOI = b"\xff\xd8"
+J2K_STARTS = (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 
 
 @dataclass
@@ -98,6 +109,78 @@ def _select_frame(frames: int, frame: Optional[int]) -> int:
     if not 0 <= index < frames:
         raise DecodeError(f"frame {frame} requested but the image has {frames} frame(s)")
     return index
+
+
+def _native_frames(ds: Dataset, length: int) -> Optional[int]:
+    """Whole frames in ``length`` bytes of native pixel data, None if it is not a whole number."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if _text(ds, "PhotometricInterpretation") == "YBR_FULL_422":
+        samples = 2  # two chroma samples shared by each pair of pixels
+    frame_bits = rows * columns * samples * bits
+    if frame_bits <= 0:
+        return None
+    count, rest = divmod(length * 8, frame_bits)
+    # Pixel data is padded to an even length: a byte or so over whole frames is padding.
+    return count if count >= 1 and rest < 16 else None
+
+
+def _encapsulated_frames(ds: Dataset, syntax: str) -> Optional[int]:
+    """Frames in encapsulated pixel data, from its offset tables or its fragments' first bytes."""
+    if ds.get("ExtendedOffsetTable"):
+        return len(ds.ExtendedOffsetTable) // 8
+    buffer = io.BytesIO(ds.PixelData)
+    try:
+        offsets = parse_basic_offsets(buffer)
+        if offsets:
+            return len(offsets)
+        fragments = list(generate_fragments(buffer))
+    except (ValueError, EOFError, struct.error) as exc:
+        raise DecodeError(f"encapsulated pixel data is malformed: {exc}") from exc
+    if len(fragments) <= 1:
+        return len(fragments) or None
+    if syntax == RLE_LOSSLESS:
+        return len(fragments)  # one fragment per frame (PS3.5 A.4.2)
+    starts = sum(1 for f in fragments if f.startswith(JPEG_SOI) or f.startswith(J2K_STARTS))
+    return starts or None
+
+
+def frame_count(ds: Dataset) -> int:
+    """The frames the image has by its header: Number of Frames, 1 when the attribute is absent.
+
+    An empty, zero, negative or non-numeric value cannot be trusted: the image is one frame
+    only when its pixel data holds exactly one, otherwise DecodeError says what it holds.
+    """
+    if "NumberOfFrames" not in ds:
+        return 1
+    try:
+        value = ds.NumberOfFrames
+    except (TypeError, ValueError, OverflowError):  # a raw value pydicom cannot even convert
+        value = "?"
+    try:
+        declared = int(value) if value not in (None, "") else 0
+    except (TypeError, ValueError, OverflowError):
+        declared = 0
+    if declared >= 1:
+        return declared
+    shown = "empty" if value in (None, "") else f"invalid ({str(value)[:16]!r})"
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    element = "PixelData" if "PixelData" in ds else "FloatPixelData" if "FloatPixelData" in ds \
+        else "DoubleFloatPixelData"
+    try:
+        encapsulated = element == "PixelData" and UID(syntax).is_encapsulated
+    except ValueError:  # not a transfer syntax pydicom knows
+        encapsulated = False
+    held = _encapsulated_frames(ds, syntax) if encapsulated else _native_frames(ds, len(ds[element].value or b""))
+    if held == 1:
+        log.warning("Number of Frames is %s; the pixel data holds one frame, read as a single frame", shown)
+        return 1
+    if held is None:
+        raise DecodeError(f"Number of Frames is {shown} and the pixel data does not show how many frames it holds")
+    raise DecodeError(f"Number of Frames is {shown} but the pixel data holds {held} frames")
 
 
 def _padding_mask(stored: np.ndarray, ds: Dataset) -> Optional[np.ndarray]:
@@ -178,10 +261,7 @@ def decode_dataset(ds: Dataset, frame: Optional[int] = None) -> DecodedImage:
     """Decode one frame of a DICOM dataset (see the module docstring for the conventions)."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DecodeError("the dataset has no pixel data")
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError) as exc:
-        raise DecodeError(f"invalid Number of Frames: {exc}") from exc
+    frames = frame_count(ds)
     index = _select_frame(frames, frame)
     try:
         # index= decodes a single frame, so a 120-frame clip costs one frame of work.
@@ -194,7 +274,8 @@ def decode_dataset(ds: Dataset, frame: Optional[int] = None) -> DecodedImage:
     samples = int(ds.get("SamplesPerPixel", 1))
     padding = None
     try:
-        if samples == 3 or photometric == "PALETTE COLOR":
+        if (samples == 3 and arr.ndim == 3 and arr.shape[2] == 3) or (photometric == "PALETTE COLOR"
+                                                                      and arr.ndim == 2):
             pixels = _colour_to_display(arr, ds)
             colour = chroma_present(pixels)
         elif samples == 1 and arr.ndim == 2:

@@ -3,23 +3,30 @@
 Both result objects are new instances in the *source's* study, so the patient and study
 attributes are copied from the source, never invented.  Type 2 attributes a modality left out
 are added empty (present but unknown) because highdicom reads them unconditionally and
-``dciodvfy`` wants them present.
+``dciodvfy`` wants them present; values the builders would refuse are made to conform in the
+copy (see ``conform.py``).
 """
 from __future__ import annotations
 
 import copy
 import io
+import logging
 import socket
 from typing import Any, Optional
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
 from .. import __version__
 from ..analyze.runner import AI_NOTICE, AnalysisResult
+from .conform import conform_values
 
 from ..store import AI_MANUFACTURER as MANUFACTURER  # one name for "made by this box"
+
+log = logging.getLogger(__name__)
+
 MODEL_NAME = "Clinic Edge Appliance"
 # UTF-8: the notice's em dash is not in ISO 8859-1, which most modalities declare.
 CHARACTER_SET = "ISO_IR 192"
@@ -54,19 +61,26 @@ def notices(result: AnalysisResult) -> list[str]:
 
 
 def source_metadata(source: Dataset) -> Dataset:
-    """A pixel-free copy of the source's top-level attributes, with empty Type 2 study fields.
+    """A pixel-free copy of the source's top-level attributes, with empty Type 2 study fields
+    and every value a builder checks made to conform.
 
     The copy keeps highdicom from deep-copying megabytes of pixels (or 120 ultrasound frames)
-    and lets us fill in missing Type 2 attributes without touching the caller's dataset.
+    and lets us fill in missing Type 2 attributes and repair values without touching the
+    caller's dataset.
     """
     missing = [kw for kw in _REQUIRED_UIDS if not source.get(kw)]
     if missing:
         raise ValueError(f"source dataset lacks {', '.join(missing)}")
     meta = Dataset()
-    for element in source:
-        if element.tag.group in (0x7FE0, 0xFFFA):  # pixel data and digital signatures
+    # Unconverted elements: a value pydicom cannot convert fails in the copy, where it is
+    # repaired, not while reading the caller's dataset.
+    for element in source.elements():
+        if Tag(element.tag).group in (0x7FE0, 0xFFFA):  # pixel data and digital signatures
             continue
-        meta.add(copy.deepcopy(element))  # never alias the caller's elements
+        meta[element.tag] = copy.deepcopy(element)  # never alias the caller's elements
+    changed = conform_values(meta)
+    if changed:  # keywords only: the values are patient data
+        log.info("source values made to conform for the AI objects: %s", ", ".join(sorted(set(changed))))
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword not in meta:
             setattr(meta, keyword, "")

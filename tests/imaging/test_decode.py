@@ -1,6 +1,7 @@
 """Decode of real DICOM samples (pydicom + pydicom-data) in every transfer syntax we accept."""
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
 from appliance.errors import DecodeError
 from appliance.imaging.decode import decode, decode_file, to_grey
@@ -179,3 +182,42 @@ def test_png_and_jpeg(tmp_path: Path) -> None:
     colour = decode_file(tmp_path / "c.jpg")
     assert colour.is_colour and colour.pixels.shape == (40, 60, 3)
     assert to_grey(colour.pixels).shape == (40, 60)
+
+
+NUMBER_OF_FRAMES = Tag(0x00280008)
+
+
+def _frames_value(name: str, raw: bytes) -> pydicom.Dataset:
+    """A sample whose Number of Frames holds ``raw`` as written on the wire, re-read from bytes."""
+    ds = pydicom.dcmread(sample(name))
+    value = raw + b" " if len(raw) % 2 else raw
+    ds[NUMBER_OF_FRAMES] = RawDataElement(NUMBER_OF_FRAMES, "IS", len(value), value, 0, False, True)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=False, little_endian=ds.file_meta.TransferSyntaxUID != "1.2.840.10008.1.2.2")
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+
+@pytest.mark.parametrize("name,held", [
+    ("color3d_jpeg_baseline.dcm", 120),  # JPEG baseline, no offset table: counted by SOI markers
+    ("examples_ybr_color.dcm", 30),  # JPEG baseline with a basic offset table
+    ("OBXXXX1A_2frame.dcm", 2),  # native: counted by length
+    ("OBXXXX1A_rle_2frame.dcm", 2),  # RLE: one fragment per frame
+    ("emri_small_jpeg_2k_lossless.dcm", 10),  # JPEG 2000 codestreams
+])
+@pytest.mark.parametrize("raw,shown", [(b"", "empty"), (b"0", "invalid"), (b"-3", "invalid"), (b"abc", "invalid")])
+def test_broken_number_of_frames_on_a_multi_frame_image_is_refused(name: str, held: int, raw: bytes,
+                                                                   shown: str) -> None:
+    with pytest.raises(DecodeError, match=f"Number of Frames is {shown}.* holds {held} frames"):
+        decode(_frames_value(name, raw))
+
+
+@pytest.mark.parametrize("name", [
+    "US1_UNCR.dcm",  # native RGB, one frame's worth of bytes
+    "US1_J2KR.dcm",  # JPEG 2000, one frame in three fragments
+    "OBXXXX1A_rle.dcm",  # RLE, one fragment
+])
+def test_empty_number_of_frames_on_a_single_frame_image_reads_one_frame(name: str) -> None:
+    image = decode(_frames_value(name, b""))
+    reference = decode_file(sample(name))
+    assert (image.frames, image.frame_index) == (1, 0)
+    np.testing.assert_array_equal(image.pixels, reference.pixels)
