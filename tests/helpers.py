@@ -152,6 +152,17 @@ def dataset_body(path: Path) -> bytes:
         return fh.read()
 
 
+def paediatric_chest(ds) -> None:
+    """Give a chest radiograph with no Patient's Age but a birth date the age 003Y, in place.
+
+    RG1's birth date (1940) makes it a 64-year-old at its study date, outside the reference
+    pneumonia model's population (children aged 1–5): copies made here stay analysable. Tests of
+    the population gate set Patient's Age themselves (or remove the birth date too)."""
+    if str(ds.get("BodyPartExamined", "")).upper() == "CHEST" and "PatientAge" not in ds \
+            and ds.get("PatientBirthDate"):
+        ds.PatientAge = "003Y"
+
+
 def resized_copy(ds, size: int):
     """A copy of an image dataset with its (single-frame, grey) pixels area-resized to size×size."""
     import cv2
@@ -161,6 +172,7 @@ def resized_copy(ds, size: int):
     pixels = cv2.resize(ds.pixel_array, (size, size), interpolation=cv2.INTER_AREA).astype(ds.pixel_array.dtype)
     out.Rows = out.Columns = size
     out.PixelData = np.ascontiguousarray(pixels).tobytes()
+    paediatric_chest(out)
     return out
 
 
@@ -176,6 +188,7 @@ def write_fresh_copies(templates: list, out: Path, per_study: int = 1) -> list[P
         if i % per_study == 0:
             study, series = generate_uid(), generate_uid()
         ds = template.copy()
+        paediatric_chest(ds)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.InstanceNumber = i % per_study + 1

@@ -3,7 +3,8 @@
 The format is specified in ``docs/MODEL_PACKAGES.md``.  Loading is strict on purpose: a
 package whose hashes, ONNX input or outputs do not match its manifest is refused with a
 :class:`ManifestError` naming the file and the problem, because a silently mismatched model
-would produce confident nonsense.
+would produce confident nonsense.  ``[applicability]`` keys the box does not know are refused
+too: a misspelt limit (``max_age = 5``) would otherwise silently let every patient through.
 """
 from __future__ import annotations
 
@@ -29,10 +30,22 @@ MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 SEVERITIES = ("urgent", "review", "routine")
 ACTIVATIONS = ("sigmoid_applied", "softmax_applied", "sigmoid", "softmax", "none")
 COLOUR_POLICIES = ("reject", "to_grey")
+UNKNOWN_POLICIES = ("abstain", "analyse")
+SEXES = ("M", "F", "O")  # Patient's Sex (0010,0040) defined terms
+APPLICABILITY_KEYS = ("modalities", "body_parts", "views", "photometric", "min_rows", "min_columns",
+                      "colour", "population", "min_age_years", "max_age_years", "unknown_age", "sexes",
+                      "unknown_sex")
 
 
 @dataclass(frozen=True)
 class Applicability:
+    """What the model is for: the images (metadata gate) and the patients (population gate).
+
+    Ages are in completed years and both bounds are inclusive: ``max_age_years = 5`` takes a child
+    of 5 years 11 months.  ``None`` is no bound.  ``unknown_age`` / ``unknown_sex`` say what to do
+    when the image does not tell (declared per model: the data it was validated on decide).
+    """
+
     modalities: list[str] = field(default_factory=list)
     body_parts: list[str] = field(default_factory=list)
     views: list[str] = field(default_factory=list)
@@ -40,6 +53,16 @@ class Applicability:
     min_rows: int = 0
     min_columns: int = 0
     colour: str = "reject"
+    population: str = ""  # plain words for the reasons: "children aged 1–5 years"
+    min_age_years: Optional[int] = None
+    max_age_years: Optional[int] = None
+    unknown_age: str = "analyse"
+    sexes: list[str] = field(default_factory=list)  # empty = any
+    unknown_sex: str = "analyse"
+
+    @property
+    def limits_age(self) -> bool:
+        return self.min_age_years is not None or self.max_age_years is not None
 
 
 @dataclass(frozen=True)
@@ -146,23 +169,71 @@ def _upper_list(table: dict[str, Any], key: str, where: str) -> list[str]:
     return [v.strip().upper() for v in value]
 
 
-def _parse(data: dict[str, Any], package_dir: Path) -> Manifest:
-    mf = package_dir / MANIFEST
-    model = _table(data, "model", mf)
-    app = data.get("applicability", {})
-    where_app = f"{mf} [applicability]"
+def _age_bound(table: dict[str, Any], key: str, where: str) -> Optional[int]:
+    if key not in table:
+        return None
+    value = _get(table, key, int, where)
+    if value < 0:
+        raise ManifestError(f"{where}: {key} must be 0 or more, got {value}")
+    return int(value)
+
+
+def _policy(table: dict[str, Any], key: str, needed: bool, where: str) -> str:
+    """An unknown-value policy: required where its limit is declared, so the choice is explicit."""
+    if key not in table:
+        if needed:
+            raise ManifestError(f"{where}: {key} must be declared ({' or '.join(UNKNOWN_POLICIES)}) "
+                                f"when the population is limited")
+        return "analyse"
+    value = table[key]
+    if value not in UNKNOWN_POLICIES:
+        raise ManifestError(f"{where}: {key} must be one of {UNKNOWN_POLICIES}, got {value!r}")
+    return str(value)
+
+
+def _applicability(app: Any, where: str) -> Applicability:
+    if not isinstance(app, dict):
+        raise ManifestError(f"{where}: must be a table")
+    unknown = sorted(set(app) - set(APPLICABILITY_KEYS))
+    if unknown:
+        raise ManifestError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(APPLICABILITY_KEYS)})")
     colour = app.get("colour", "reject")
     if colour not in COLOUR_POLICIES:
-        raise ManifestError(f"{where_app}: colour must be one of {COLOUR_POLICIES}, got {colour!r}")
-    applicability = Applicability(
-        modalities=_upper_list(app, "modalities", where_app),
-        body_parts=_upper_list(app, "body_parts", where_app),
-        views=_upper_list(app, "views", where_app),
-        photometric=_upper_list(app, "photometric", where_app),
+        raise ManifestError(f"{where}: colour must be one of {COLOUR_POLICIES}, got {colour!r}")
+    min_age, max_age = _age_bound(app, "min_age_years", where), _age_bound(app, "max_age_years", where)
+    if min_age is not None and max_age is not None and min_age > max_age:
+        raise ManifestError(f"{where}: min_age_years {min_age} is above max_age_years {max_age}")
+    sexes = _upper_list(app, "sexes", where)
+    if any(s not in SEXES for s in sexes):
+        raise ManifestError(f"{where}: sexes must be Patient's Sex values {SEXES}, got {sexes!r}")
+    limits_age = min_age is not None or max_age is not None
+    population = app.get("population", "")
+    if not isinstance(population, str):
+        raise ManifestError(f"{where}: 'population' must be a string")
+    if (limits_age or sexes) and not population.strip():
+        raise ManifestError(f"{where}: population (plain words such as \"children aged 1–5 years\") "
+                            f"must be given with an age or sex limit: abstention reasons quote it")
+    return Applicability(
+        modalities=_upper_list(app, "modalities", where),
+        body_parts=_upper_list(app, "body_parts", where),
+        views=_upper_list(app, "views", where),
+        photometric=_upper_list(app, "photometric", where),
         min_rows=int(app.get("min_rows", 0)),
         min_columns=int(app.get("min_columns", 0)),
         colour=colour,
+        population=population.strip(),
+        min_age_years=min_age,
+        max_age_years=max_age,
+        unknown_age=_policy(app, "unknown_age", limits_age, where),
+        sexes=sexes,
+        unknown_sex=_policy(app, "unknown_sex", bool(sexes), where),
     )
+
+
+def _parse(data: dict[str, Any], package_dir: Path) -> Manifest:
+    mf = package_dir / MANIFEST
+    model = _table(data, "model", mf)
+    applicability = _applicability(data.get("applicability", {}), f"{mf} [applicability]")
     inp = _table(data, "input", mf)
     shape = _get(inp, "shape", list, f"{mf} [input]")
     if len(shape) != 4 or not all(isinstance(v, int) and v > 0 for v in shape):

@@ -101,3 +101,77 @@ def test_discover_reports_broken_packages_without_hiding_good_ones(toy_copy: Pat
     assert isinstance(found["broken-model"], ManifestError)
     with pytest.raises(ManifestError, match="no model package 'nope'.*available: broken-model, toy-cxr"):
         find_model(toy_copy.parent, "nope")
+
+
+# -- the intended population in [applicability] -------------------------------------------------
+
+POPULATION = '''population = "children aged 1–5 years"
+min_age_years = 1
+max_age_years = 5
+unknown_age = "abstain"
+'''
+
+
+def _with_applicability(package: Path, lines: str) -> None:
+    path = package / "manifest.toml"
+    text = path.read_text()
+    assert "\n[input]" in text
+    path.write_text(text.replace("\n[input]", f"\n{lines}\n[input]", 1))
+
+
+def test_population_fields_load(toy_copy: Path) -> None:
+    _with_applicability(toy_copy, POPULATION + 'sexes = ["f", "M"]\nunknown_sex = "analyse"\n')
+    app = load_manifest(toy_copy).applicability
+    assert (app.population, app.min_age_years, app.max_age_years) == ("children aged 1–5 years", 1, 5)
+    assert app.unknown_age == "abstain" and app.limits_age
+    assert app.sexes == ["F", "M"] and app.unknown_sex == "analyse"
+
+
+def test_no_population_fields_mean_no_population_limit(toy_copy: Path) -> None:
+    app = load_manifest(toy_copy).applicability
+    assert not app.limits_age and app.sexes == [] and app.population == ""
+
+
+def test_open_ended_age_range(toy_copy: Path) -> None:
+    _with_applicability(toy_copy, 'population = "adults"\nmin_age_years = 18\nunknown_age = "analyse"\n')
+    app = load_manifest(toy_copy).applicability
+    assert (app.min_age_years, app.max_age_years, app.limits_age) == (18, None, True)
+
+
+@pytest.mark.parametrize("lines,message", [
+    (POPULATION.replace("unknown_age = \"abstain\"\n", ""), "unknown_age must be declared"),
+    (POPULATION.replace('"abstain"', '"guess"'), "unknown_age must be one of"),
+    (POPULATION.replace("max_age_years = 5", "max_age_years = 0"), "min_age_years 1 is above max_age_years 0"),
+    (POPULATION.replace("min_age_years = 1", "min_age_years = -1"), "min_age_years must be 0 or more"),
+    (POPULATION.replace("min_age_years = 1", "min_age_years = 1.5"), "'min_age_years' has the wrong type"),
+    (POPULATION.replace("min_age_years = 1", "min_age_years = true"), "'min_age_years' has the wrong type"),
+    (POPULATION.replace("min_age_years = 1", 'min_age_years = "1"'), "'min_age_years' has the wrong type"),
+    (POPULATION.replace('population = "children aged 1–5 years"', ""), "population .* must be given"),
+    ('population = "women"\nsexes = ["F"]\n', "unknown_sex must be declared"),
+    ('population = "women"\nsexes = ["W"]\nunknown_sex = "analyse"\n', "sexes must be Patient's Sex values"),
+    ('sexes = ["F"]\nunknown_sex = "analyse"\n', "population .* must be given"),
+    ('population = 5\n', "'population' must be a string"),
+    # A misspelt limit would let everyone through: refused, naming the key.
+    ('population = "children aged 1–5 years"\nmax_age = 5\n', "unknown key.*max_age "),
+])
+def test_invalid_population_fields_are_refused(toy_copy: Path, lines: str, message: str) -> None:
+    _with_applicability(toy_copy, lines)
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(toy_copy)
+
+
+def test_reference_packages_declare_the_population_of_their_data() -> None:
+    from appliance.config import PROJECT_ROOT
+
+    chest = load_manifest(PROJECT_ROOT / "engines" / "cxr-pneumonia").applicability
+    # Kermany et al.: children aged 1-5; both sexes.
+    assert (chest.min_age_years, chest.max_age_years, chest.sexes) == (1, 5, [])
+    assert chest.population == "children aged 1–5 years" and chest.unknown_age == "abstain"
+    breast = load_manifest(PROJECT_ROOT / "engines" / "us-breast-lesion").applicability
+    # BUSI: 600 women aged 25-75.
+    assert (breast.min_age_years, breast.max_age_years, breast.sexes) == (25, 75, ["F"])
+    assert breast.population == "women aged 25–75 years"
+    assert (breast.unknown_age, breast.unknown_sex) == ("analyse", "analyse")
+    for package, app in (("cxr-pneumonia", chest), ("us-breast-lesion", breast)):
+        card = (PROJECT_ROOT / "engines" / package / "MODEL_CARD.md").read_text()
+        assert f"**Intended population: {app.population}**" in card, package
