@@ -163,6 +163,28 @@ def paediatric_chest(ds) -> None:
         ds.PatientAge = "003Y"
 
 
+def paediatric_sample_bytes(name: str = "RG1_UNCR.dcm") -> bytes:
+    """A chest sample as Part 10 bytes with Patient's Age 003Y (same UIDs): analysable by the
+    reference pneumonia model, which abstains on RG1 as shipped (a 64-year-old)."""
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(sample(name))
+    ds.PatientAge = "003Y"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def paediatric_sample(directory: Path, name: str = "RG1_UNCR.dcm") -> Path:
+    """:func:`paediatric_sample_bytes` written as ``directory/name``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_bytes(paediatric_sample_bytes(name))
+    return path
+
+
 def resized_copy(ds, size: int):
     """A copy of an image dataset with its (single-frame, grey) pixels area-resized to size×size."""
     import cv2

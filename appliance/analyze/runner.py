@@ -74,6 +74,7 @@ class AnalysisResult:
     heatmap_finding: Optional[str] = None
     ood_distance: Optional[float] = None
     source: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. analysed although the patient's age is unknown
 
     @property
     def analyzed(self) -> bool:
@@ -93,6 +94,7 @@ class AnalysisResult:
             "heatmap_finding": self.heatmap_finding,
             "ood_distance": self.ood_distance,
             "source": dict(self.source),
+            "notes": list(self.notes),
         }
 
 
@@ -176,7 +178,9 @@ class ModelRunner:
         meta = {"modality": image.modality, "body_part": image.body_part, "view": image.view,
                 "photometric": image.photometric, "rows": image.rows, "columns": image.columns,
                 "frames": image.frames, "frame_index": image.frame_index, "is_colour": image.is_colour}
-        refusal = gate.check_metadata(image, self.manifest) or gate.check_pixels(image, self.manifest)
+        patient = gate.read_patient(image.header) if image.header is not None else None
+        population, notes = gate.check_population(patient, self.manifest)
+        refusal = gate.check_metadata(image, self.manifest) or population or gate.check_pixels(image, self.manifest)
         if refusal is not None:
             return self._result(abstention=refusal, source=meta)
         grey = image.grey
@@ -205,7 +209,7 @@ class ModelRunner:
             overlay = heatmap.overlay(image.pixels if image.pixels.ndim == 3 else grey, cam, prepared.crop)
             shown = findings[top].code
         return self._result(findings=findings, heatmap=overlay, heatmap_finding=shown,
-                            ood_distance=distance, source=meta)
+                            ood_distance=distance, source=meta, notes=notes)
 
 
 _RUNNERS: dict[tuple[str, ...], ModelRunner] = {}

@@ -73,6 +73,8 @@ class DecodedImage:
     frame_index: int = 0
     is_colour: bool = False
     padding: Optional[np.ndarray] = field(default=None, repr=False)
+    # The DICOM header the image came from (None for PNG/JPEG): the population gate reads it.
+    header: Optional[Dataset] = field(default=None, repr=False, compare=False)
 
     @property
     def grey(self) -> np.ndarray:
@@ -300,6 +302,7 @@ def decode_dataset(ds: Dataset, frame: Optional[int] = None) -> DecodedImage:
         frame_index=index,
         is_colour=colour,
         padding=padding,
+        header=ds,
     )
 
 

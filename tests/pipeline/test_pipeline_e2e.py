@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 
 from appliance.config import PROJECT_ROOT
-from tests.helpers import dcmsend, run_cli, sample
+from tests.helpers import dcmsend, paediatric_sample, run_cli, sample
 from tests.results.dciodvfy import dciodvfy
 
 ENGINES = PROJECT_ROOT / "engines"
@@ -45,9 +45,11 @@ def dciodvfy_errors(path: str) -> list[str]:
     return dciodvfy(Path(path)).errors
 
 
-def test_chest_cr_ultrasound_clip_and_ct(server_factory):
+def test_chest_cr_ultrasound_clip_and_ct(server_factory, tmp_path):
     server = server_factory().start()
-    chest, clip, ct = sample("RG1_UNCR.dcm"), sample("color3d_jpeg_baseline.dcm"), sample("CT_small.dcm")
+    # RG1 as a 3-year-old's film: the reference pneumonia model is made for children aged 1-5.
+    chest = paediatric_sample(tmp_path / "chest")
+    clip, ct = sample("color3d_jpeg_baseline.dcm"), sample("CT_small.dcm")
     started = time.monotonic()
     assert dcmsend(server.dicom_port, [chest, clip, ct]).returncode == 0
     report = wait_until_analyzed(server.data_dir, 3)
@@ -111,7 +113,7 @@ def test_corrupted_model_fails_its_cases_only(server_factory, tmp_path):
     data[len(data) // 2: len(data) // 2 + 64] = b"\0" * 64
     onnx.write_bytes(bytes(data))
     server = server_factory(extra_env={"APPLIANCE_ANALYZE_ENGINES_DIR": str(engines)}).start()
-    assert dcmsend(server.dicom_port, [sample("US1_UNCR.dcm"), sample("RG1_UNCR.dcm")]).returncode == 0
+    assert dcmsend(server.dicom_port, [sample("US1_UNCR.dcm"), paediatric_sample(tmp_path / "chest")]).returncode == 0
     images = clinic_instances(wait_until_analyzed(server.data_dir, 2))
     us = images[str(pydicom.dcmread(sample("US1_UNCR.dcm"), stop_before_pixels=True).SOPInstanceUID)]
     cr = images[str(pydicom.dcmread(sample("RG1_UNCR.dcm"), stop_before_pixels=True).SOPInstanceUID)]

@@ -41,7 +41,7 @@ from appliance.store import InstanceStore
 from tests.analyze.toy_package import build_package, toy_graph, write_manifest
 from tests.forward.conftest import PASSWORD, orthanc_factory  # noqa: F401 - the shared Orthanc fixture
 from tests.forward.util import box_env, destination_toml, outbox_json, small_chest, wait_confirmed, write_config
-from tests.helpers import dcmsend, sample
+from tests.helpers import dcmsend, paediatric_sample_bytes, sample
 from tests.pipeline.test_pipeline_e2e import studies
 
 NAME = b"Quimby\\Zebedee"  # the backslash is DICOM's value delimiter: two names where one belongs
@@ -315,7 +315,7 @@ def _raise(exc: BaseException) -> Callable[..., Any]:
 
 def test_any_exception_from_the_model_runner_fails_that_result_with_the_reason(box, monkeypatch, caplog):
     config, database, store, worker = box
-    outcome = store.store(sample("RG1_UNCR.dcm").read_bytes())
+    outcome = store.store(paediatric_sample_bytes())
     monkeypatch.setattr(ModelRunner, "analyze", _raise(RuntimeError("cannot handle Zebedee's image")))
     with caplog.at_level(logging.INFO):
         assert worker.run_once()
@@ -334,7 +334,7 @@ def test_any_exception_from_the_model_runner_fails_that_result_with_the_reason(b
 
 def test_an_exception_outside_the_models_fails_the_job_with_the_reason(box, monkeypatch):
     config, database, store, worker = box
-    store.store(sample("RG1_UNCR.dcm").read_bytes())
+    store.store(paediatric_sample_bytes())
     monkeypatch.setattr(worker_module, "route", _raise(Odd("routing table upside down")))
     assert worker.run_once()
     (job_row,) = database.query("SELECT state, attempts, last_error FROM analysis_jobs")
@@ -349,7 +349,7 @@ def test_an_exception_outside_the_models_fails_the_job_with_the_reason(box, monk
 def test_a_kill_mid_job_counts_and_recovery_fails_it_after_max_attempts(box, monkeypatch):
     config, database, store, worker = box
     worker.max_attempts = 2
-    store.store(sample("RG1_UNCR.dcm").read_bytes())
+    store.store(paediatric_sample_bytes())
     # KeyboardInterrupt stands for the process ending mid-job: it is not caught, the job stays running.
     monkeypatch.setattr(worker_module, "route", _raise(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
@@ -368,7 +368,7 @@ def test_a_kill_mid_job_counts_and_recovery_fails_it_after_max_attempts(box, mon
 
 def test_any_exception_from_the_sr_builder_fails_the_objects_and_never_blocks_forwarding(box, monkeypatch):
     config, database, store, worker = box
-    outcome = store.store(sample("RG1_UNCR.dcm").read_bytes())
+    outcome = store.store(paediatric_sample_bytes())
     assert worker.run_once()
     monkeypatch.setattr(objects_module, "build_ai_sr", _raise(LookupError("builder refused")))
     assert worker.objects.build_once()
@@ -391,7 +391,7 @@ def test_any_exception_from_the_sr_builder_fails_the_objects_and_never_blocks_fo
 def test_a_kill_mid_build_counts_and_recovery_fails_the_objects_after_max_attempts(box, monkeypatch):
     config, database, store, worker = box
     worker.objects.max_attempts = 1
-    store.store(sample("RG1_UNCR.dcm").read_bytes())
+    store.store(paediatric_sample_bytes())
     assert worker.run_once()
     monkeypatch.setattr(objects_module, "build_heatmap_sc", _raise(SystemExit(9)))
     with pytest.raises(SystemExit):

@@ -10,7 +10,7 @@ from appliance.analyze.worker import AnalysisWorker
 from appliance.config import PROJECT_ROOT, load_config
 from appliance.db import open_database
 from appliance.store import InstanceStore
-from tests.helpers import run_cli, sample
+from tests.helpers import paediatric_sample_bytes, run_cli, sample
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def box(tmp_path):
 
 def test_result_comes_first_objects_follow_with_backoff(box):
     config, database, store, worker = box
-    store.store(sample("RG1_UNCR.dcm").read_bytes())
+    store.store(paediatric_sample_bytes())
     store.min_free_mb = 10**9  # the AI objects cannot be written: a transient condition
     assert worker.run_once()  # the analysis itself needs no disk space: its result is committed
     result = database.query("SELECT * FROM analysis_results")[0]
@@ -52,7 +52,7 @@ def test_result_comes_first_objects_follow_with_backoff(box):
 def test_objects_that_keep_failing_are_marked_failed(box):
     config, database, store, worker = box
     worker.objects.max_attempts = 2
-    store.store(sample("RG1_UNCR.dcm").read_bytes())
+    store.store(paediatric_sample_bytes())
     store.min_free_mb = 10**9
     worker.run_once()
     worker.objects.build_once()
@@ -66,7 +66,7 @@ def test_objects_that_keep_failing_are_marked_failed(box):
 
 def test_reanalysis_with_newer_model_version_keeps_both(box, tmp_path):
     config, database, store, worker = box
-    outcome = store.store(sample("RG1_UNCR.dcm").read_bytes())
+    outcome = store.store(paediatric_sample_bytes())
     worker.run_until_idle()
     manifest = config.get("analyze.engines_dir") + "/cxr-pneumonia/manifest.toml"
     text = open(manifest).read()
