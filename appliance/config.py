@@ -8,8 +8,10 @@ Precedence, lowest to highest:
 4. ``APPLIANCE_<SECTION>_<KEY>`` environment variables,
 5. command-line flags.
 
-Every value is checked against its declared type once, after layering; an invalid value fails
-fast with a :class:`ConfigError` that names the key and the problem.
+Every value is checked against its declared type once, after layering, and every integer
+against its range (:data:`BOUNDS`); an invalid value fails fast with a :class:`ConfigError`
+that names the key and the problem.  A file that is not UTF-8 TOML text (a binary file, a
+truncated copy) fails the same way.
 """
 from __future__ import annotations
 
@@ -47,7 +49,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "port": 11112,
         "allowed_calling_aes": [],
         "max_associations": 16,
+        "max_associations_per_peer": 8,
+        "max_pending_connections": 256,
+        "association_timeout_s": 10,
         "network_timeout_s": 60,
+        "pdu_timeout_s": 30,
+        "max_association_s": 14400,
+        "max_pdu_kb": 1024,
+        "max_dataset_mb": 1024,
+        "max_inflated_mb": 256,
         "processes": 0,
     },
     "http": {
@@ -72,6 +82,39 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 AE_TITLE_MAX = 16
+# A site file is a few kilobytes; anything this large is not one (and is not read into memory).
+CONFIG_FILE_MAX = 1024 * 1024
+
+# Inclusive (lowest, highest) of every integer key; tests/test_config.py checks that none is
+# missing.  The reasons for the DICOM limits are in firmware_config/appliance.toml.
+BOUNDS: dict[str, tuple[int, int]] = {
+    "storage.min_free_mb": (0, 1_000_000),
+    "dicom.port": (0, 65535),
+    "dicom.max_associations": (1, 256),
+    "dicom.max_associations_per_peer": (1, 256),
+    "dicom.max_pending_connections": (8, 1024),
+    "dicom.association_timeout_s": (1, 120),
+    "dicom.network_timeout_s": (1, 3600),
+    "dicom.pdu_timeout_s": (1, 600),
+    "dicom.max_association_s": (60, 86400),
+    "dicom.max_pdu_kb": (4, 16384),
+    "dicom.max_dataset_mb": (1, 4095),
+    "dicom.max_inflated_mb": (1, 4095),
+    "dicom.processes": (0, 16),
+    "http.port": (0, 65535),
+    "http.threads": (1, 256),
+    "analyze.threads": (1, 64),
+    "analyze.workers": (1, 16),
+    "analyze.study_quiet_s": (0, 86400),
+    "analyze.max_attempts": (1, 100),
+    "analyze.defer_while_receiving_s": (0, 3600),
+}
+DESTINATION_BOUNDS: dict[str, tuple[int, int]] = {
+    "port": (1, 65535),
+    "max_rate_kbps": (0, 10_000_000),
+    "poll_reports_s": (1, 86400),
+    "retry_max_s": (1, 86400),
+}
 
 # Arrays of tables ([[destinations]], [[forward_rules]]): a layer that defines one replaces the
 # lower layers' list.  key -> (default, allowed values or None); a default of None = required.
@@ -112,19 +155,13 @@ def _check_ae(key: str, value: str) -> None:
         raise ConfigError(f"{key}: {value!r} is not a valid AE title (1-16 printable characters)")
 
 
-def _check_port(key: str, value: int) -> None:
-    if not 0 <= value <= 65535:
-        raise ConfigError(f"{key}: {value} is not a TCP port (0-65535)")
-
-
-def _check_positive(key: str, value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"{key}: must be at least 1, got {value}")
-
-
-def _check_non_negative(key: str, value: int) -> None:
-    if value < 0:
-        raise ConfigError(f"{key}: must not be negative, got {value}")
+def _check_range(key: str, value: int, bounds: tuple[int, int]) -> None:
+    low, high = bounds
+    if low <= value <= high:
+        return
+    if key.endswith("port"):
+        raise ConfigError(f"{key}: {value} is not a TCP port ({low}-{high})")
+    raise ConfigError(f"{key}: {value} is out of range (allowed: {low} to {high})")
 
 
 def _check_level(key: str, value: str) -> None:
@@ -144,22 +181,10 @@ def _check_calling_aes(key: str, value: list) -> None:
 
 
 CHECKS: dict[str, Callable[[str, Any], None]] = {
-    "storage.min_free_mb": _check_non_negative,
     "dicom.ae_title": _check_ae,
-    "dicom.port": _check_port,
     "dicom.allowed_calling_aes": _check_calling_aes,
-    "dicom.max_associations": _check_positive,
-    "dicom.processes": _check_non_negative,
-    "dicom.network_timeout_s": _check_positive,
-    "http.port": _check_port,
-    "http.threads": _check_positive,
     "log.level": _check_level,
     "analyze.backend": _check_backend,
-    "analyze.threads": _check_positive,
-    "analyze.workers": _check_positive,
-    "analyze.study_quiet_s": _check_non_negative,
-    "analyze.max_attempts": _check_positive,
-    "analyze.defer_while_receiving_s": _check_non_negative,
 }
 
 
@@ -210,13 +235,25 @@ class Config:
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            raw = fh.read(CONFIG_FILE_MAX + 1)
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} does not exist") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
+    if len(raw) > CONFIG_FILE_MAX:
+        raise ConfigError(f"config file {path} is larger than {CONFIG_FILE_MAX // 1024} KiB: not a configuration file")
+    if b"\0" in raw:
+        raise ConfigError(f"config file {path} is a binary file (it contains NUL bytes), not TOML text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (invalid byte at offset {exc.start})") from exc
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: nested too deeply") from exc
 
 
 def _coerce(key: str, default: Any, value: Any, origin: str) -> Any:
@@ -283,17 +320,16 @@ def _check_forwarding(values: dict[str, Any]) -> None:
         where = f"destinations[{i}] ({dest['name']})"
         if names.count(dest["name"]) > 1:
             raise ConfigError(f"{where}.name: duplicate destination name")
+        for key, bounds in DESTINATION_BOUNDS.items():
+            _check_range(f"{where}.{key}", dest[key], bounds)
         if dest["kind"] == "dicom":
             if not dest["host"]:
                 raise ConfigError(f"{where}.host: required for kind = \"dicom\"")
             _check_ae(f"{where}.called_ae", dest["called_ae"])
-            _check_port(f"{where}.port", dest["port"])
         elif not dest["url"].startswith(("http://", "https://")):
             raise ConfigError(f"{where}.url: a DICOMweb base URL (https://...) is required for kind = \"dicomweb\"")
         if dest["send_window"] and not _valid_window(dest["send_window"]):
             raise ConfigError(f"{where}.send_window: {dest['send_window']!r} is not HH:MM-HH:MM")
-        _check_non_negative(f"{where}.max_rate_kbps", dest["max_rate_kbps"])
-        _check_positive(f"{where}.poll_reports_s", dest["poll_reports_s"])
     for i, rule in enumerate(values["forward_rules"]):
         if rule["to"] not in names:
             raise ConfigError(f"forward_rules[{i}].to: no destination named {rule['to']!r}")
@@ -396,6 +432,9 @@ def load_config(
     if cli_layer:
         _merge(values, cli_layer, "command line")
         sources.append("command line")
+    for dotted, bounds in BOUNDS.items():
+        section, key = dotted.split(".", 1)
+        _check_range(dotted, values[section][key], bounds)
     for dotted, check in CHECKS.items():
         section, key = dotted.split(".", 1)
         check(dotted, values[section][key])

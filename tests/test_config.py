@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,84 @@ def test_invalid_destinations(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path / "site.toml", text), environ={}, firmware_file=None)
     assert message in str(info.value)
+
+
+def _integer_keys() -> list[str]:
+    from appliance.config import DEFAULTS
+
+    return [f"{section}.{key}" for section, table in DEFAULTS.items() for key, value in table.items()
+            if isinstance(value, int) and not isinstance(value, bool)]
+
+
+def test_every_integer_key_has_bounds_and_the_firmware_file_documents_every_key():
+    from appliance.config import BOUNDS, DEFAULTS, DESTINATION_BOUNDS, DESTINATION_KEYS, FIRMWARE_CONFIG
+
+    assert set(_integer_keys()) == set(BOUNDS)
+    assert {k for k, (d, _) in DESTINATION_KEYS.items() if isinstance(d, int) and not isinstance(d, bool)} \
+        == set(DESTINATION_BOUNDS)
+    for low, high in [*BOUNDS.values(), *DESTINATION_BOUNDS.values()]:
+        assert low <= high
+    firmware = load_config(environ={}, firmware_file=FIRMWARE_CONFIG)
+    for dotted in _integer_keys():
+        section, key = dotted.split(".")
+        low, high = BOUNDS[dotted]
+        assert low <= DEFAULTS[section][key] <= high, dotted
+        assert firmware.get(dotted) == DEFAULTS[section][key], f"{dotted}: firmware file and built-in default differ"
+    text = FIRMWARE_CONFIG.read_text()
+    for key in DEFAULTS["dicom"]:
+        assert f"\n{key} = " in text, f"dicom.{key} is not documented in {FIRMWARE_CONFIG.name}"
+
+
+@pytest.mark.parametrize("dotted", _integer_keys())
+def test_every_integer_key_out_of_range_is_refused_naming_the_key(tmp_path, dotted):
+    from appliance.config import BOUNDS
+
+    section, key = dotted.split(".")
+    low, high = BOUNDS[dotted]
+    for value in (low - 1, high + 1):
+        site = write(tmp_path / "site.toml", f"[{section}]\n{key} = {value}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(site, environ={}, firmware_file=None)
+        assert str(info.value).startswith(f"{dotted}: {value} ")
+    for value in (low, high):
+        assert load_config(write(tmp_path / "ok.toml", f"[{section}]\n{key} = {value}\n"), environ={},
+                           firmware_file=None).get(dotted) == value
+
+
+@pytest.mark.parametrize("key, value", [("port", 0), ("port", 65536), ("max_rate_kbps", -1),
+                                        ("max_rate_kbps", 10_000_001), ("poll_reports_s", 0),
+                                        ("poll_reports_s", 86401), ("retry_max_s", 0), ("retry_max_s", 86401)])
+def test_destination_numbers_out_of_range_are_refused(tmp_path, key, value):
+    text = f'[[destinations]]\nname = "pacs"\nkind = "dicom"\nhost = "10.0.0.5"\ncalled_ae = "PACS"\n{key} = {value}\n'
+    with pytest.raises(ConfigError, match=rf"^destinations\[0\] \(pacs\)\.{key}: {value} "):
+        load_config(write(tmp_path / "site.toml", text), environ={}, firmware_file=None)
+
+
+def test_sixty_four_receiving_processes_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"^dicom\.processes: 64 is out of range \(allowed: 0 to 16\)"):
+        load_config(write(tmp_path / "site.toml", "[dicom]\nprocesses = 64\n"), environ={}, firmware_file=None)
+    with pytest.raises(ConfigError, match=r"^dicom\.processes \(from environment\)|^dicom\.processes: 64"):
+        load_config(environ={"APPLIANCE_DICOM_PROCESSES": "64"}, firmware_file=None)
+
+
+@pytest.mark.parametrize("content, message", [
+    (bytes(range(256)) * 4, "is a binary file (it contains NUL bytes), not TOML text"),
+    (b"[dicom]\nae_title = \"\xff\xfe\"\n", "is not UTF-8 text (invalid byte at offset 20)"),
+    (b"\x7fELF\x02\x01\x01" + b"\x90" * 64, "is not UTF-8 text"),
+    (b"a = " + b"[" * 5000 + b"]" * 5000 + b"\n", "is not valid TOML"),
+])
+def test_a_file_that_is_not_toml_text_is_a_config_error(tmp_path, content, message):
+    site = tmp_path / "site.toml"
+    site.write_bytes(content)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(site, environ={}, firmware_file=None)
+
+
+def test_cli_with_a_binary_config_file_says_so_in_one_line(tmp_path):
+    site = tmp_path / "site.toml"
+    site.write_bytes(bytes(range(256)) * 64)
+    result = run_cli("serve", "--config", str(site), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "configuration error: config file" in lines[0] and "binary file" in lines[0], lines

@@ -1,6 +1,25 @@
-"""Changes to pynetdicom's transport, installed on import: receive PDUs into one buffer, decode
-P-DATA PDUs without copying their fragments, and let its reactor threads wait for something to
-happen instead of polling every millisecond.
+"""Changes to pynetdicom's transport, installed on import: read PDUs within limits and into
+buffers that grow with what arrives, decode P-DATA PDUs without copying their fragments, and
+let its reactor threads wait for something to happen instead of polling every millisecond.
+
+Reading (:func:`_read_pdu_data`, in place of pynetdicom's): pynetdicom believes a PDU header
+and allocates what it claims (a 6-byte header claiming 4 GiB cost 4 GiB), and blocks on a peer
+that stops or trickles mid-PDU for as long as it keeps sending.  Here, with the limits of
+:class:`~appliance.acquire.limits.Limits` that the receiving AE carries (``edge_limits``; the
+defaults otherwise, e.g. for the box's own requests to a PACS):
+
+* a PDU longer than its cap (64 KiB for association PDUs, ``PDU_HARD_CAP_FACTOR`` times the
+  advertised maximum for P-DATA) is refused before anything is read;
+* the buffer starts at 256 KiB at most and doubles as bytes arrive, so memory follows what the
+  peer really sent;
+* each PDU must arrive whole within ``pdu_timeout_s`` of its first byte, and no PDU is read
+  after ``max_association_s`` since the connection started;
+* the command set and the dataset of one DIMSE message may not exceed their sizes
+  (``COMMAND_SET_MAX``, ``max_dataset_mb``).
+
+A violation is logged in one line (no traceback, peer text escaped), answered with an A-ABORT
+and the connection closed; pynetdicom's state machine then ends the association as for any
+closed connection.
 
 pynetdicom copies every received byte five times before a C-STORE handler sees it (the PDU as
 bytes for an event nobody here listens to, each fragment out of the PDU, each fragment minus its
@@ -42,28 +61,212 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.transport import AssociationSocket
 
+from .limits import COMMAND_SET_MAX, Limits, RefusalLog, peer_text
+
 MAX_WAIT_S = 0.05
 _REACTOR_SLEEP_S = 0.001  # the association reactor's own poll interval (association.py)
 
 
-def _recv_exact(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """Read ``nr_bytes`` from the socket straight into one buffer.
+_FIRST_READ = 256 * 1024
+_P_DATA_TF = 0x04
+_PDU_HEADER = struct.Struct(">BBI")
+_PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
+              0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
+_A_ABORT_PDU = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00"  # source: service provider
+DEFAULT_LIMITS = Limits()
+log = logging.getLogger(__name__)
+_refusals = RefusalLog(log)
 
-    pynetdicom's own ``AssociationSocket.recv`` reads in 4 KiB pieces and appends each to a
-    bytearray: for a 7 MB radiograph that is ~1,800 Python-level calls holding the GIL, which
-    profiling showed to be the largest single cost of receiving.  Same contract: blocks until
-    ``nr_bytes`` are read, returns what was read so far if the peer closes the connection.
+
+class PeerViolation(Exception):
+    """The peer broke one of the limits: ``kind`` (for the log's rate limit) and a message."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def receive(sock: socket.socket, nr_bytes: int, deadline: float | None = None,
+            buffer: bytearray | None = None) -> bytearray:
+    """Read ``nr_bytes`` more from ``sock`` onto the end of ``buffer`` (a new one by default).
+
+    Large reads straight into the buffer (pynetdicom's own receive takes 4 KiB per Python-level
+    call, the largest single cost of receiving a radiograph), but the buffer only ever grows to
+    at most twice what has arrived (plus 256 KiB), never to the length a header announced.
+    Returns early, shorter, if the peer closes the connection; TimeoutError at ``deadline``
+    (``time.monotonic()``).
     """
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
-    nr_read = 0
-    while nr_read < nr_bytes:
-        count = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)  # type: ignore[union-attr]
+    buffer = bytearray() if buffer is None else buffer
+    filled = len(buffer)
+    end = filled + nr_bytes
+    while filled < end:
+        if filled == len(buffer):
+            # bytes(n) is calloc'd: only the copy into the buffer touches memory.
+            buffer.extend(bytes(min(end - filled, max(_FIRST_READ, filled))))
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("deadline passed")
+            sock.settimeout(remaining)
+        view = memoryview(buffer)[filled:]
+        try:
+            count = sock.recv_into(view)
+        finally:
+            view.release()
         if not count:
-            del view
-            return buffer[:nr_read]
-        nr_read += count
+            del buffer[filled:]
+            return buffer
+        filled += count
     return buffer
+
+
+def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` (pynetdicom's contract: blocks until ``nr_bytes`` are read,
+    returns what was read so far if the peer closes), with :func:`receive`'s buffer."""
+    return receive(self.socket, nr_bytes)  # type: ignore[arg-type]
+
+
+def _limits(dul: Any) -> Limits:
+    return getattr(dul.assoc.ae, "edge_limits", None) or DEFAULT_LIMITS
+
+
+def _remote(dul: Any) -> tuple[str, str]:
+    """(address, calling or called AE title) of the peer, escaped for the log."""
+    assoc = dul.assoc
+    user = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+    try:
+        address = f"{user.address}:{user.port}"
+    except Exception:  # noqa: BLE001 - logging aid only
+        address = "?"
+    return address, peer_text(getattr(user, "ae_title", "") or "?", 16)
+
+
+def _read_pdu_data(self: Any) -> None:
+    """pynetdicom's ``DULServiceProvider._read_pdu_data`` (one PDU from the socket onto the
+    event queue), within the limits described in the module docstring."""
+    sock = self.socket
+    limits = _limits(self)
+    now = time.monotonic()
+    started = self.__dict__.setdefault("_edge_started", now)
+    deadline = min(now + limits.pdu_timeout_s, started + limits.max_association_s)
+    try:
+        try:
+            pdu = _receive_pdu(sock.socket, limits, deadline)
+        finally:
+            _blocking(sock.socket)
+        if pdu is None:  # closed by the peer
+            sock.close()
+            return
+        pdu_object, event = self._decode_pdu(pdu)
+        if pdu[0] == _P_DATA_TF:
+            _count_message_bytes(self, pdu_object, limits)
+    except TimeoutError:
+        if time.monotonic() >= started + limits.max_association_s:
+            _abort_connection(self, "lifetime", f"association open longer than {limits.max_association_s:g} s "
+                              "(dicom.max_association_s)")
+        else:
+            _abort_connection(self, "pdu timeout", f"PDU not complete within {limits.pdu_timeout_s:g} s of its "
+                              "first byte (dicom.pdu_timeout_s)")
+        return
+    except PeerViolation as exc:
+        _abort_connection(self, exc.kind, str(exc))
+        return
+    except OSError:  # reset by the peer, or closed under us
+        sock.close()
+        return
+    except Exception as exc:  # noqa: BLE001 - pynetdicom's decoders raise many types on garbage
+        _abort_connection(self, "undecodable", f"undecodable PDU ({type(exc).__name__}: {peer_text(exc, 80)})")
+        return
+    self.event_queue.put(event)
+    self._recv_pdu.put(pdu_object)
+
+
+def _receive_pdu(raw: Any, limits: Limits, deadline: float) -> bytearray | None:
+    """One whole PDU (header included), or None if the peer closed the connection first."""
+    pdu = receive(raw, _PDU_HEADER.size, deadline)
+    if len(pdu) < _PDU_HEADER.size:
+        return None
+    pdu_type, _, length = _PDU_HEADER.unpack(pdu)
+    name = _PDU_NAMES.get(pdu_type)
+    if name is None:
+        raise PeerViolation("pdu type", f"unknown PDU type 0x{pdu_type:02X}")
+    cap = limits.pdu_cap(pdu_type)
+    if length > cap:
+        raise PeerViolation("pdu length", f"{name} PDU of {length} bytes (at most {cap} are read)")
+    receive(raw, length, deadline, pdu)
+    return pdu if len(pdu) == _PDU_HEADER.size + length else None
+
+
+def _blocking(raw: Any) -> None:
+    """Back to pynetdicom's blocking socket (its sends have no deadline of their own)."""
+    try:
+        if raw is not None:
+            raw.settimeout(None)
+    except OSError:
+        pass
+
+
+def _count_message_bytes(dul: Any, pdu: Any, limits: Limits) -> None:
+    """Add a P-DATA PDU's fragments to the DIMSE message they belong to; PeerViolation when
+    its command set or dataset grows past its limit (before pynetdicom buffers them)."""
+    counts = dul.__dict__.setdefault("_edge_message_bytes", [0, 0])  # [command, dataset]
+    for item in pdu.presentation_data_value_items:
+        value = item.presentation_data_value
+        if not value:
+            continue
+        control = value[0]
+        is_command = control & 1
+        counts[0 if is_command else 1] += len(value) - 1
+        if is_command and counts[0] > COMMAND_SET_MAX:
+            raise PeerViolation("command size", f"DIMSE command set over {COMMAND_SET_MAX} bytes")
+        if not is_command and counts[1] > limits.max_dataset_bytes:
+            raise PeerViolation("dataset size", f"dataset over {limits.max_dataset_bytes // (1024 * 1024)} MB "
+                                "(dicom.max_dataset_mb)")
+        if control & 2:  # the last fragment of the command set or dataset
+            counts[0 if is_command else 1] = 0
+
+
+def _abort_connection(self: Any, kind: str, reason: str) -> None:
+    """Log ``reason``, send an A-ABORT (best effort) and close the connection: the state
+    machine sees a closed transport and ends the association."""
+    address, title = _remote(self)
+    _refusals.refused(address.rsplit(":", 1)[0], kind, "DICOM association from %s (AE %s) aborted: %s",
+                      address, title, reason)
+    close_transport(self)
+
+
+def close_transport(dul: Any) -> None:
+    """Send an A-ABORT (best effort: a full window or TLS just skips it) and close the
+    connection of ``dul``."""
+    sock = dul.socket
+    raw = getattr(sock, "socket", None)
+    if raw is not None:
+        try:
+            raw.send(_A_ABORT_PDU, socket.MSG_DONTWAIT)
+        except (OSError, ValueError):  # window full, gone, or TLS (no flags): closing is enough
+            pass
+    if sock is not None:
+        sock.close()
+
+
+_original_run_reactor = getattr(_dul.DULServiceProvider, "run_reactor", None)
+
+
+def _run_reactor(self: Any) -> None:
+    """The DUL thread, whose unhandled exceptions (pynetdicom's state machine and DIMSE decoder
+    raise on some malformed input) are one log line and an aborted association, not a
+    traceback and a connection nobody serves."""
+    try:
+        _original_run_reactor(self)  # type: ignore[misc]
+    except Exception as exc:  # noqa: BLE001 - the thread ends here either way
+        address, title = _remote(self)
+        _refusals.refused(address.rsplit(":", 1)[0], "upper layer error",
+                          "DICOM association from %s (AE %s) aborted: the upper layer failed on what it was sent "
+                          "(%s: %s)", address, title, type(exc).__name__, peer_text(exc, 120))
+        close_transport(self)
+        assoc = self.assoc
+        assoc.is_aborted, assoc.is_established = True, False
+        assoc._kill = True  # what pynetdicom's own handler of a reactor error does
 
 
 class _Waker:
@@ -165,7 +368,6 @@ class _TimeFor:
             time.sleep(seconds)
 
 
-_P_DATA_TF = 0x04
 _ITEM_LENGTH = struct.Struct(">I")
 _original_decode_pdu = getattr(_dul.DULServiceProvider, "_decode_pdu", None)
 
@@ -230,7 +432,10 @@ def _do_action(self: Any, event: str) -> None:
 def install() -> None:
     """Apply the changes (idempotent).  They are written against pynetdicom 3.0's internals;
     where those are not there, pynetdicom is left decoding and polling as it ships."""
-    AssociationSocket.recv = _recv_exact  # type: ignore[method-assign]
+    AssociationSocket.recv = _recv  # type: ignore[method-assign]
+    _dul.DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
+    if _original_run_reactor is not None:
+        _dul.DULServiceProvider.run_reactor = _run_reactor  # type: ignore[method-assign]
     if _original_decode_pdu is not None:
         _dul.DULServiceProvider._decode_pdu = _decode_pdu  # type: ignore[method-assign]
     expected = (hasattr(_dul, "time") and hasattr(_association, "time")

@@ -12,12 +12,18 @@ own :class:`~appliance.store.InstanceStore` into the same data directory and dat
 C-STORE is answered only after its own commit, so the durability promise is the same whichever
 process took the association.
 
+A connection reaches the dispatcher only once its A-ASSOCIATE-RQ is complete (the gate in
+:mod:`.guard`), and the dispatcher is where the association limits over all processes are
+applied: ``dicom.max_associations`` in total and ``dicom.max_associations_per_peer`` per peer
+address (:class:`~.guard.AssociationRefused`, answered with an A-ASSOCIATE-RJ).  It counts a
+connection it hands over until the helper says its association's thread has ended.
+
 Helpers hold no listening socket and die with the main process (``PR_SET_PDEATHSIG``, and their
 channel closing): after a SIGKILL of ``appliance serve`` nothing is left holding the port or a
 connection, and an association in flight simply drops (its sender never got a success).  A
 helper that dies on its own is restarted.  Helpers tell the main process when a connection
-closes (for the balance, and so analysis can give way while images arrive) and when an instance
-was stored (to wake the analysis worker).
+closes (with the peer address: for the balance, the limits, and so analysis can give way while
+images arrive) and when an instance was stored (to wake the analysis worker).
 """
 from __future__ import annotations
 
@@ -30,9 +36,12 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter
 from typing import Any, Callable, Optional
 
 from ..config import Config
+from .guard import AssociationRefused, admission_refusal, peer_host
+from .limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +60,34 @@ def process_count(config: Config) -> int:
 
 
 class _Helper:
-    """The main process's view of one helper: its process, channel and open connections."""
+    """The main process's view of one helper: its process, channel and open connections (in
+    all, and by peer address)."""
 
     def __init__(self, index: int, process: Any, channel: socket.socket):
         self.index = index
         self.process = process
         self.channel = channel
         self.open = 0
+        self.peers: Counter[str] = Counter()
         self.alive = True
+
+    def closed(self, host: str) -> None:
+        self.open = max(0, self.open - 1)
+        if self.peers[host] > 1:
+            self.peers[host] -= 1
+        else:
+            self.peers.pop(host, None)
 
 
 class ReceiverPool:
     """Helper receiving processes and the dispatcher that balances connections over them."""
 
-    def __init__(self, config: Config, helpers: int, local_open: Callable[[], int],
+    def __init__(self, config: Config, helpers: int, local_open: Callable[..., int],
                  on_stored: Optional[Callable[[Any], None]] = None):
+        """``local_open()`` / ``local_open(host)``: associations open in the main process, all
+        of them or those from ``host`` (:meth:`~.scp.IngestActivity.open_count`)."""
         self.config = config
+        self.limits = Limits.from_config(config)
         self.count = helpers
         self.local_open = local_open
         self.on_stored = on_stored
@@ -110,17 +131,17 @@ class ReceiverPool:
     def _listen(self, helper: _Helper) -> None:
         while True:
             try:
-                message = helper.channel.recv(64)
+                message = helper.channel.recv(1024)
             except OSError:
                 message = b""
             if not message:
                 break
-            for code in message:
-                if code == CLOSED[0]:
-                    with self._lock:
-                        helper.open = max(0, helper.open - 1)
-                elif code == STORED[0] and self.on_stored is not None:
-                    self.on_stored(None)
+            # One message per datagram (SOCK_SEQPACKET): a code, for CLOSED the peer's address.
+            if message[:1] == CLOSED:
+                with self._lock:
+                    helper.closed(message[1:].decode("utf-8", "replace"))
+            elif message[:1] == STORED and self.on_stored is not None:
+                self.on_stored(None)
         if self._stopping or not helper.alive:
             return
         helper.alive = False
@@ -136,6 +157,7 @@ class ReceiverPool:
 
     # -- dispatch -----------------------------------------------------------------------
     def open_connections(self) -> int:
+        """Connections open in the helpers (the main process's own are ``local_open()``)."""
         with self._lock:
             return sum(h.open for h in self._helpers if h.alive)
 
@@ -143,21 +165,29 @@ class ReceiverPool:
         return self.open_connections() > 0
 
     def dispatch(self, conn: socket.socket, address: Any) -> bool:
-        """Hand ``conn`` to the least busy helper, or return False to keep it in this process."""
+        """Hand ``conn`` to the least busy helper, or return False to keep it in this process;
+        AssociationRefused if the association limits (over all processes) say no."""
+        host = peer_host(address)
         with self._lock:
             alive = [h for h in self._helpers if h.alive]
+            local = self.local_open()
+            refusal = admission_refusal(self.limits, local + sum(h.open for h in alive),
+                                        self.local_open(host) + sum(h.peers[host] for h in alive))
+            if refusal is not None:
+                raise AssociationRefused(refusal)
             if not alive:
                 return False
             helper = min(alive, key=lambda h: h.open)
-            if helper.open > self.local_open():
+            if helper.open > local:
                 return False
             helper.open += 1
+            helper.peers[host] += 1
         try:
             socket.send_fds(helper.channel, [json.dumps(list(address)).encode()], [conn.fileno()])
         except OSError as exc:
             log.error("cannot hand a connection to receiving process %d (%s); serving it here", helper.index, exc)
             with self._lock:
-                helper.open = max(0, helper.open - 1)
+                helper.closed(host)
             return False
         # The descriptor now lives on in the helper; close ours without shutting the connection down.
         conn.close()
@@ -180,6 +210,20 @@ def _close_quietly(sock: socket.socket) -> None:
     except OSError:  # already disconnected
         pass
     sock.close()
+
+
+class _Teller:
+    """A helper's association tracker: the main process counted the connection when it handed
+    it over, and is told (CLOSED + peer address) when its association's thread has ended."""
+
+    def __init__(self, tell: Callable[[bytes], None]):
+        self._tell = tell
+
+    def started(self, host: str) -> None:
+        pass
+
+    def ended(self, host: str) -> None:
+        self._tell(CLOSED + host.encode())
 
 
 def helper_main(config: Config, channel: socket.socket, index: int) -> None:
@@ -213,7 +257,7 @@ def helper_main(config: Config, channel: socket.socket, index: int) -> None:
                 pass
 
     server = make_server(config, store, HandedOverServer, on_stored=lambda _outcome: tell(STORED),
-                         report_hook=scp_hook(config, database, store), on_closed=lambda _event: tell(CLOSED))
+                         report_hook=scp_hook(config, database, store), tracker=_Teller(tell))
     while True:
         try:
             message, fds, _flags, _address = socket.recv_fds(channel, 1024, 1)
@@ -223,11 +267,12 @@ def helper_main(config: Config, channel: socket.socket, index: int) -> None:
             break
         for fd in fds:
             conn = socket.socket(fileno=fd)
+            address = tuple(json.loads(message))
             try:
-                server.take(conn, tuple(json.loads(message)))
-            except Exception:  # noqa: BLE001 - the association never started: no close event will come
-                log.exception("cannot serve a handed-over connection")
+                server.take(conn, address)
+            except Exception as exc:  # noqa: BLE001 - the association never started: no thread will end
+                log.error("cannot serve a handed-over connection: %s: %s", type(exc).__name__, exc)
                 _close_quietly(conn)
-                tell(CLOSED)
+                tell(CLOSED + peer_host(address).encode())
     server.abort_all()  # type: ignore[attr-defined]
     os._exit(0)

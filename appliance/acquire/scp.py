@@ -8,9 +8,12 @@ patient names.
 from __future__ import annotations
 
 import logging
+import re
 import socket
+import sys
 import threading
-from typing import Any, Callable
+import zlib
+from typing import Any, Callable, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -28,22 +31,63 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, evt, register_uid, sop_class
 from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from ..config import Config
 from ..errors import InvalidDatasetError, OutOfSpaceError
 from ..store import InstanceStore, parse_part10
-from . import netpatch  # noqa: F401 - installs its pynetdicom changes on import
+from . import netpatch  # installs its pynetdicom changes on import
+from .guard import GATE_THREAD, AssociationGate, AssociationRefused, admission_refusal, peer_host
+from .limits import Limits, RefusalLog, inflated_size_exceeds, peer_text
 from .part10 import encoded_part10
 
 log = logging.getLogger(__name__)
+_refusals = RefusalLog(log)
 
 # pynetdicom's own "standard" event log prints DIMSE details and, at debug level, whole
 # datasets; our handlers log what is needed without patient data.
 _config.LOG_HANDLER_LEVEL = "none"
+
+
+class _PeerSafeLog(logging.Handler):
+    """pynetdicom's own log lines, made safe before they reach the application log: no
+    tracebacks (a malformed request is a peer's doing, and exception texts quote what it sent),
+    each message escaped and cut like any peer text, and its bare "Rejecting Association" left
+    to :func:`_handle_rejected`'s one line with the reason."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is dropped
+            return
+        if message == "Rejecting Association" or record.threadName == GATE_THREAD:
+            # The gate decodes requests with pynetdicom and logs its own line for a bad one.
+            return
+        record.msg, record.args = peer_text(_QUOTED.sub(_shorten_quoted, message), 300), None
+        record.exc_info = record.exc_text = record.stack_info = None
+        logging.getLogger().handle(record)
+
+
+# pynetdicom quotes the values it complains about in single quotes ('1.2.33...').
+_QUOTED = re.compile(r"'([^']{64})([^']{16,})'")
+
+
+def _shorten_quoted(match: re.Match) -> str:
+    return f"'{match.group(1)}...({len(match.group(1)) + len(match.group(2))} chars)'"
+
+
+def _route_pynetdicom_logs() -> None:
+    pynetdicom_log = logging.getLogger("pynetdicom")
+    if not any(isinstance(h, _PeerSafeLog) for h in pynetdicom_log.handlers):
+        pynetdicom_log.addHandler(_PeerSafeLog())
+        pynetdicom_log.propagate = False
+
+
+_route_pynetdicom_logs()
 
 # Order matters: pynetdicom accepts, per presentation context, the first syntax of *this* list
 # that the sender proposed.  Senders propose a file's own (often compressed) syntax plus
@@ -65,6 +109,24 @@ TRANSFER_SYNTAXES = [
     ImplicitVRLittleEndian,
 ]
 
+# Retired storage SOP classes still sent by older ultrasound units (PS3.4 retired them in
+# favour of ...1.1.6.1 and ...1.1.3.1, which AllStoragePresentationContexts lists).  pynetdicom
+# serves a C-STORE only for a class registered with its storage service.  An SCP may support any
+# number of presentation contexts; the limit of 128 is on what one requestor proposes.
+RETIRED_STORAGE_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.6": "UltrasoundImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.3": "UltrasoundMultiFrameImageStorageRetired",
+}
+
+
+def _register_retired_classes() -> None:
+    for uid, keyword in RETIRED_STORAGE_CLASSES.items():
+        if not hasattr(sop_class, keyword):
+            register_uid(uid, keyword, StorageServiceClass)
+
+
+_register_retired_classes()
+
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
@@ -82,24 +144,44 @@ def _status(code: int, comment: str = "") -> Dataset:
 
 
 def _calling_ae(event: evt.Event) -> str:
+    """The calling AE title, escaped for the log."""
     try:
-        return str(event.assoc.requestor.ae_title).strip()
+        return peer_text(str(event.assoc.requestor.ae_title).strip(), 16)
     except Exception:  # noqa: BLE001 - logging aid only
         return "?"
 
 
+def _deflate_refusal(event: evt.Event, limit: int) -> str | None:
+    """Why a Deflated Explicit VR Little Endian dataset is refused before it is inflated (it
+    would inflate past ``limit`` bytes, or is no deflate stream), or None."""
+    if event.context.transfer_syntax != DeflatedExplicitVRLittleEndian:
+        return None
+    with event.request.DataSet.getbuffer() as deflated:
+        try:
+            too_big = inflated_size_exceeds(deflated, limit)
+        except zlib.error as exc:
+            return f"cannot inflate the deflated dataset: {exc}"
+    return f"deflated dataset inflates past {limit // (1024 * 1024)} MB (dicom.max_inflated_mb)" if too_big else None
+
+
 def make_store_handler(store: InstanceStore, on_stored: Callable[[Any], None] | None = None,
-                       report_hook: Callable[[str, bytes, Dataset], Any] | None = None) -> Callable[[evt.Event], Dataset]:
+                       report_hook: Callable[[str, bytes, Dataset], Any] | None = None,
+                       limits: Limits | None = None) -> Callable[[evt.Event], Dataset]:
     """Build the C-STORE handler bound to ``store``.
 
     ``report_hook(calling_ae, data, ds)`` (forwarding's report channel) may take an object over:
     it returns a store outcome when it stored the object itself, None to let it be stored as usual.
     """
+    max_inflated = (limits or Limits()).max_inflated_bytes
 
     def handle_store(event: evt.Event) -> Dataset:
         calling = _calling_ae(event)
         staged = None
         try:
+            refusal = _deflate_refusal(event, max_inflated)
+            if refusal is not None:
+                log.warning("C-STORE from %s refused (0x%04X): %s", calling, STATUS_OUT_OF_RESOURCES, refusal)
+                return _status(STATUS_OUT_OF_RESOURCES, refusal)
             data = encoded_part10(event)
             # The temp file is written and fsynced while the dataset is parsed and checked.
             staged = store.stage(data)
@@ -115,16 +197,16 @@ def make_store_handler(store: InstanceStore, on_stored: Callable[[Any], None] | 
             return _status(STATUS_OUT_OF_RESOURCES, "Out of resources: storage floor reached")
         except InvalidDatasetError as exc:
             code = STATUS_CANNOT_UNDERSTAND if str(exc).startswith("cannot parse") else STATUS_DATASET_MISMATCH
-            log.warning("C-STORE from %s rejected (0x%04X): %s", calling, code, exc)
+            log.warning("C-STORE from %s rejected (0x%04X): %s", calling, code, peer_text(exc, 200))
             return _status(code, str(exc))
         except Exception as exc:  # noqa: BLE001 - a handler must answer, never raise
-            log.error("C-STORE from %s failed: %s: %s", calling, type(exc).__name__, exc)
+            log.error("C-STORE from %s failed: %s: %s", calling, type(exc).__name__, peer_text(exc, 200))
             return _status(STATUS_OUT_OF_RESOURCES if isinstance(exc, OSError) else STATUS_PROCESSING_FAILURE,
                            f"Storage failed: {type(exc).__name__}")
         finally:
             if staged is not None:
                 staged.discard()
-        log.info("C-STORE from %s: %s %s", calling, outcome.action, outcome.sop_instance_uid)
+        log.info("C-STORE from %s: %s %s", calling, outcome.action, peer_text(outcome.sop_instance_uid))
         if on_stored is not None:
             try:
                 on_stored(outcome)
@@ -140,8 +222,26 @@ def handle_echo(event: evt.Event) -> int:
     return STATUS_SUCCESS
 
 
+_REJECT_REASONS = {
+    (0x01, 0x01): "no reason given",
+    (0x01, 0x02): "application context not supported",
+    (0x01, 0x03): "calling AE title not allowed (dicom.allowed_calling_aes)",
+    (0x01, 0x07): "called AE title is not this box's",
+    (0x02, 0x01): "no reason given",
+    (0x02, 0x02): "protocol version not supported",
+    (0x03, 0x01): "temporary congestion",
+    (0x03, 0x02): "local limit exceeded (dicom.max_associations)",
+}
+
+
 def _handle_rejected(event: evt.Event) -> None:
-    log.warning("association from %s (%s) rejected", _calling_ae(event), event.assoc.requestor.address)
+    """One line per rejected association, with pynetdicom's reason in words."""
+    requestor = event.assoc.requestor
+    answer = getattr(event.assoc.acceptor, "primitive", None)
+    key = (getattr(answer, "result_source", None), getattr(answer, "diagnostic", None))
+    reason = _REJECT_REASONS.get(key, f"source {key[0]}, reason {key[1]}")  # type: ignore[arg-type]
+    _refusals.refused(str(requestor.address), "rejected", "association from %s (%s) rejected: %s",
+                      _calling_ae(event), requestor.address, reason)
 
 
 class AllowListAE(AE):
@@ -152,6 +252,8 @@ class AllowListAE(AE):
     """
 
     accept_nobody = False
+    # Read by netpatch: what a peer of this AE may cost (see limits.py).
+    edge_limits: Limits = Limits()
 
     @property  # type: ignore[override]
     def require_calling_aet(self) -> list[str]:
@@ -165,13 +267,17 @@ class AllowListAE(AE):
 def make_ae(config: Config) -> AE:
     """An AE configured from ``[dicom]``: AE title, allow-list, contexts, limits."""
     dicom = config["dicom"]
+    limits = Limits.from_config(config)
     ae = AllowListAE(ae_title=dicom["ae_title"])
-    ae.maximum_associations = dicom["max_associations"]
+    ae.edge_limits = limits
+    # The main process admits associations against the limits over all processes (guard.py);
+    # pynetdicom's own count, per process, can only be reached when those are.
+    ae.maximum_associations = limits.max_associations
     ae.network_timeout = dicom["network_timeout_s"]
-    ae.acse_timeout = dicom["network_timeout_s"]
+    ae.acse_timeout = limits.association_timeout_s
     ae.dimse_timeout = dicom["network_timeout_s"]
-    # Unlimited PDU size: fewer, larger reads for multi-megabyte radiographs.
-    ae.maximum_pdu_size = 0
+    # Advertised as the Maximum Length Received: senders cut P-DATA PDUs to this size.
+    ae.maximum_pdu_size = limits.max_pdu_bytes
     allowed = dicom["allowed_calling_aes"]
     if "*" in allowed:
         log.warning("dicom.allowed_calling_aes contains '*': any calling AE title is accepted (set-up mode)")
@@ -185,45 +291,115 @@ def make_ae(config: Config) -> AE:
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    for uid in RETIRED_STORAGE_CLASSES:
+        ae.add_supported_context(uid, TRANSFER_SYNTAXES)
     return ae
 
 
 class IngestActivity:
-    """Counts open DICOM connections, so analysis can give way while images are arriving."""
+    """Counts the associations open in this process, by peer address: so analysis can give
+    way while images are arriving, and so the association limits can be applied.
+
+    It is the ``tracker`` of the server (see :class:`_TrackedRequestHandler`): an association
+    counts from the moment its thread is started until that thread has ended, whichever way it
+    ended, so a count can never be left behind by a path that skips a close event.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._open = 0
+        self._open: dict[str, int] = {}
 
-    def opened(self, _event: evt.Event) -> None:
+    def started(self, host: str) -> None:
         with self._lock:
-            self._open += 1
+            self._open[host] = self._open.get(host, 0) + 1
 
-    def closed(self, _event: evt.Event) -> None:
+    def ended(self, host: str) -> None:
         with self._lock:
-            self._open = max(0, self._open - 1)
+            left = self._open.get(host, 0) - 1
+            if left > 0:
+                self._open[host] = left
+            else:
+                self._open.pop(host, None)
 
-    def open_count(self) -> int:
-        return self._open
+    def open_count(self, host: str | None = None) -> int:
+        """Open associations, all of them or those from ``host``."""
+        with self._lock:
+            return sum(self._open.values()) if host is None else self._open.get(host, 0)
 
     def busy(self) -> bool:
-        return self._open > 0
+        return self.open_count() > 0
+
+
+class _TrackedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, telling the server's ``tracker`` (``started(host)``,
+    ``ended(host)``) when the association's thread starts and when it has ended."""
+
+    def handle(self) -> None:
+        tracker = getattr(self.server, "tracker", None) or _NO_TRACKER
+        assoc = self._create_association()
+        # Trigger must be after binding the events (as pynetdicom's own handle does).
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        host = str(assoc.requestor.address)
+        run = assoc.run
+
+        def run_then_report() -> None:
+            try:
+                run()
+            except Exception as exc:  # noqa: BLE001 - pynetdicom's negotiation raises on some malformed input
+                _refusals.refused(host, "association error", "DICOM association from %s (calling AE %s) aborted: "
+                                  "pynetdicom failed on what it was sent (%s: %s)", host,
+                                  peer_text(str(assoc.requestor.ae_title).strip(), 16), type(exc).__name__,
+                                  peer_text(exc, 120))
+                assoc.dul.kill_dul()
+                netpatch.close_transport(assoc.dul)
+            finally:
+                tracker.ended(host)
+
+        assoc.run = run_then_report  # type: ignore[method-assign]
+        tracker.started(host)
+        try:
+            assoc.start()
+        except Exception as exc:  # noqa: BLE001 - no thread (RuntimeError): the count is undone here
+            tracker.ended(host)
+            log.error("DICOM association from %s could not be started: %s: %s", host, type(exc).__name__, exc)
+            try:
+                self.request.close()
+            except OSError:
+                pass
+
+
+class _NoTracker:
+    def started(self, host: str) -> None:
+        pass
+
+    def ended(self, host: str) -> None:
+        pass
+
+
+_NO_TRACKER = _NoTracker()
 
 
 class ReceivingServer(ThreadedAssociationServer):
-    """The listening server.
+    """The listening server of the main process.
+
+    A new connection goes to the :class:`~.guard.AssociationGate` first; once its whole
+    A-ASSOCIATE-RQ has arrived the gate calls :meth:`serve_connection`, which hands it to
+    ``dispatch(conn, address)`` (see :mod:`.receivers`: another receiving process, or False to
+    keep it here, or AssociationRefused over the association limits).  A connection kept here is
+    set up synchronously (that only creates the association, whose own thread then runs it), so
+    the tracker has counted it before the next connection is dispatched and the counts the
+    dispatcher balances on are exact.
 
     Nagle is disabled on accepted connections: a small response written behind a previous
     segment must not wait for the peer's delayed ACK (tens of milliseconds per C-STORE).
-
-    ``dispatch(conn, address)`` (see :mod:`.receivers`) may hand an accepted connection to
-    another receiving process; it returns False to keep it here.  A connection kept here is set
-    up synchronously (that only creates the association, whose own thread then runs it), so
-    EVT_CONN_OPEN has fired before the next connection is dispatched and the counts the
-    dispatcher balances on are exact.
     """
 
+    # The listen backlog: socketserver's 5 drops connection attempts (the sender retries a
+    # second or more later) as soon as a burst of connections arrives at once.
+    request_queue_size = 256
     dispatch: Callable[[socket.socket, Any], bool] | None = None
+    tracker: IngestActivity | None = None
+    gate: AssociationGate | None = None
 
     def get_request(self) -> Any:
         conn, address = super().get_request()
@@ -231,14 +407,39 @@ class ReceivingServer(ThreadedAssociationServer):
         return conn, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if self.dispatch is not None and self.dispatch(request, client_address):
-            return
-        self.finish_request(request, client_address)
+        if self.gate is not None:
+            self.gate.add(request, client_address)
+        else:
+            self.serve_connection(request, client_address)
+
+    def serve_connection(self, conn: socket.socket, address: Any) -> None:
+        if self.dispatch is not None:
+            if self.dispatch(conn, address):
+                return
+        elif self.tracker is not None:
+            limits = self.ae.edge_limits  # type: ignore[attr-defined]
+            refusal = admission_refusal(limits, self.tracker.open_count(), self.tracker.open_count(peer_host(address)))
+            if refusal is not None:
+                raise AssociationRefused(refusal)
+        self.finish_request(conn, address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver prints a traceback to stderr; one line in the log instead."""
+        error = sys.exc_info()[1]
+        log.error("DICOM connection from %s could not be accepted: %s: %s", client_address,
+                  type(error).__name__, peer_text(error, 120))
+
+    def server_close(self) -> None:
+        if self.gate is not None:
+            self.gate.stop()
+        super().server_close()
 
 
 class HandedOverServer(ThreadedAssociationServer):
     """In a helper receiving process: serves connections accepted by the main process (passed
     to :meth:`take`); it never binds or listens itself."""
+
+    tracker: Any = None
 
     def server_bind(self) -> None:
         pass
@@ -257,21 +458,20 @@ class HandedOverServer(ThreadedAssociationServer):
 def make_server(config: Config, store: InstanceStore, server_class: type[ThreadedAssociationServer],
                 on_stored: Callable[[Any], None] | None = None,
                 report_hook: Callable[[str, bytes, Dataset], Any] | None = None,
-                activity: IngestActivity | None = None,
-                on_closed: Callable[[evt.Event], None] | None = None) -> ThreadedAssociationServer:
-    """The AE's association server with our handlers bound (not yet serving)."""
+                tracker: Any = None) -> ThreadedAssociationServer:
+    """The AE's association server with our handlers bound (not yet serving).
+
+    ``tracker`` (``started(host)``, ``ended(host)``) is told of every association's thread.
+    """
     ae = make_ae(config)
     handlers = [
-        (evt.EVT_C_STORE, make_store_handler(store, on_stored, report_hook)),
+        (evt.EVT_C_STORE, make_store_handler(store, on_stored, report_hook, ae.edge_limits)),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, _handle_rejected),
     ]
-    if activity is not None:
-        handlers += [(evt.EVT_CONN_OPEN, activity.opened), (evt.EVT_CONN_CLOSE, activity.closed)]
-    if on_closed is not None:
-        handlers.append((evt.EVT_CONN_CLOSE, on_closed))
     server = ae.make_server((config["dicom"]["host"], config["dicom"]["port"]), evt_handlers=handlers,
-                            server_class=server_class)
+                            server_class=server_class, request_handler=_TrackedRequestHandler)
+    server.tracker = tracker  # type: ignore[attr-defined]
     # What AE.start_server does for its own servers: shutdown() expects to find it in this list.
     ae._servers.append(server)
     return server
@@ -281,9 +481,16 @@ def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], N
               report_hook: Callable[[str, bytes, Dataset], Any] | None = None,
               activity: IngestActivity | None = None,
               dispatch: Callable[[socket.socket, Any], bool] | None = None) -> ThreadedAssociationServer:
-    """Start listening in a background thread; call ``.shutdown()`` on the result to stop."""
-    server = make_server(config, store, ReceivingServer, on_stored, report_hook, activity)
-    server.dispatch = dispatch  # type: ignore[attr-defined]
+    """Start listening in a background thread; call ``.shutdown()`` on the result to stop.
+
+    ``activity`` counts the associations served in this process (a new one is made if None);
+    ``dispatch`` hands connections to other receiving processes (:mod:`.receivers`).
+    """
+    server = cast(ReceivingServer, make_server(config, store, ReceivingServer, on_stored, report_hook,
+                                               activity or IngestActivity()))
+    server.dispatch = dispatch
+    server.gate = AssociationGate(server.ae.edge_limits, server.serve_connection)  # type: ignore[attr-defined]
+    server.gate.start()
     threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True).start()
     log.info("DICOM SCP %s listening on %s:%d", config["dicom"]["ae_title"], *server.server_address[:2])
     return server
