@@ -14,7 +14,9 @@ def list_studies(database: Database) -> list[dict[str, Any]]:
     """Every study with its patient, series and instances, newest arrival first.
 
     This is the documented ``appliance studies --json`` schema (see README); add keys, never
-    rename or remove them.
+    rename or remove them.  Per image, ``findings`` and the other analysis keys hold the current
+    results only (computed on the image's current bytes; each finding says its ``sha256``), and
+    ``superseded_results`` the results of bytes since replaced (see :func:`superseded_results`).
     """
     studies = database.query(
         "SELECT s.*, p.patient_id, p.issuer, p.name, p.birth_date, p.sex FROM studies s "
@@ -23,6 +25,9 @@ def list_studies(database: Database) -> list[dict[str, Any]]:
     results_by_instance: dict[str, list[dict[str, Any]]] = {}
     for row in database.query("SELECT * FROM analysis_results ORDER BY id"):
         results_by_instance.setdefault(row["sop_instance_uid"], []).append(row)
+    superseded_by_instance: dict[str, list[dict[str, Any]]] = {}
+    for row in database.query("SELECT * FROM superseded_results ORDER BY id"):
+        superseded_by_instance.setdefault(row["sop_instance_uid"], []).append(_superseded(row))
     job_errors = {
         row["sop_instance_uid"]: row["last_error"]
         for row in database.query("SELECT sop_instance_uid, last_error FROM analysis_jobs WHERE state = 'failed'")
@@ -35,7 +40,11 @@ def list_studies(database: Database) -> list[dict[str, Any]]:
     )
     instances_by_series: dict[str, list[dict[str, Any]]] = {}
     for row in instance_rows:
-        row.update(_analysis(results_by_instance.get(row["sop_instance_uid"], []), job_errors.get(row["sop_instance_uid"])))
+        sop = row["sop_instance_uid"]
+        # A result on other bytes is superseded (the worker moves it within a second): never current.
+        current = [r for r in results_by_instance.get(sop, []) if r["sha256"] == row["sha256"]]
+        row.update(_analysis(current, job_errors.get(sop)))
+        row["superseded_results"] = superseded_by_instance.get(sop, [])
         instances_by_series.setdefault(row.pop("series_uid"), []).append(row)
     series_by_study: dict[str, list[dict[str, Any]]] = {}
     for row in series_rows:
@@ -101,8 +110,9 @@ def study_failures(database: Database, study_uids: list[str]) -> dict[str, list[
                 {"stage": "analysis", "sop_instance_uid": row["sop_instance_uid"], "model": "", "model_version": "",
                  "reason": row["last_error"]})
         by_study: dict[str, list[dict[str, Any]]] = {}
-        for row in database.query(f"SELECT * FROM analysis_results WHERE study_uid IN ({marks}) ORDER BY id",
-                                  tuple(uids)):
+        for row in database.query(f"SELECT r.* FROM analysis_results r JOIN instances i ON i.sop_instance_uid = "
+                                  f"r.sop_instance_uid AND i.sha256 = r.sha256 WHERE r.study_uid IN ({marks}) "
+                                  f"ORDER BY r.id", tuple(uids)):
             by_study.setdefault(row["study_uid"], []).append(row)
         for study_uid, rows in by_study.items():
             for r in current_results(rows):
@@ -127,6 +137,40 @@ def failure_notes(failures: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def superseded_results(database: Database, study_uid: str) -> list[dict[str, Any]]:
+    """A study's superseded results, oldest first: the history the study view shows as such.
+
+    Each: ``sop_instance_uid``, ``model``, ``model_version``, ``status``, ``sha256`` (the bytes
+    it was computed on), ``superseded_at``, ``superseded_by_sha256`` (the bytes that replaced
+    them), ``created_at``, ``findings`` (as per image, with ``sha256``), ``abstention`` (code and
+    reason, or None), ``error``, ``sr_sop_instance_uid``, ``heatmap_sop_instance_uid`` (the AI
+    objects superseded with it; empty if it had none).
+    """
+    return [_superseded(row) for row in database.query(
+        "SELECT * FROM superseded_results WHERE study_uid = ? ORDER BY id", (study_uid,))]
+
+
+def _superseded(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "sop_instance_uid": r["sop_instance_uid"], "model": r["model_id"], "model_version": r["model_version"],
+        "status": r["status"], "sha256": r["sha256"], "superseded_at": r["superseded_at"],
+        "superseded_by_sha256": r["superseded_by_sha256"], "created_at": r["created_at"],
+        "findings": [_finding(r, f) for f in json.loads(r["findings_json"])],
+        "abstention": {"code": r["abstention_code"], "reason": r["abstention_reason"]}
+        if r["status"] == "abstained" else None,
+        "error": r["error"], "sr_sop_instance_uid": r["sr_sop_instance_uid"],
+        "heatmap_sop_instance_uid": r["heatmap_sop_instance_uid"],
+    }
+
+
+def _finding(r: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": r["model_id"], "model_version": r["model_version"], "finding": f["code"],
+        "label": f.get("label", f["code"]), "probability": f["probability"], "positive": f["positive"],
+        "threshold": f["threshold"], "severity": f.get("severity", ""), "sha256": r["sha256"],
+    }
+
+
 def _analysis(results: list[dict[str, Any]], job_error: str | None) -> dict[str, Any]:
     """Per-image analysis keys of the JSON schema: findings, abstentions, errors, objects."""
     findings, abstentions, errors, srs, heatmaps = [], [], [], [], []
@@ -135,12 +179,7 @@ def _analysis(results: list[dict[str, Any]], job_error: str | None) -> dict[str,
         objects_pending = objects_pending or r["objects_state"] in ("pending", "building")
         if r["objects_state"] == "failed":
             errors.append({"model": r["model_id"], "model_version": r["model_version"], "error": r["objects_error"]})
-        for f in json.loads(r["findings_json"]):
-            findings.append({
-                "model": r["model_id"], "model_version": r["model_version"], "finding": f["code"],
-                "label": f.get("label", f["code"]), "probability": f["probability"], "positive": f["positive"],
-                "threshold": f["threshold"], "severity": f.get("severity", ""),
-            })
+        findings += [_finding(r, f) for f in json.loads(r["findings_json"])]
         if r["status"] == "abstained":
             abstentions.append({"model": r["model_id"], "model_version": r["model_version"],
                                 "code": r["abstention_code"], "reason": r["abstention_reason"]})

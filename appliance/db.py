@@ -356,6 +356,49 @@ def _m007_database_identity(db: sqlite_utils.Database) -> None:
                (uuid.uuid4().hex, datetime.now(timezone.utc).isoformat(timespec="seconds")))
 
 
+def _m008_results_belong_to_bytes(db: sqlite_utils.Database) -> None:
+    # A result belongs to the bytes it was computed on: the sha256 of the instance file the model
+    # read.  A job records the sha256 it was queued for (or found current at its claim).
+    db.execute("ALTER TABLE analysis_results ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE analysis_jobs ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''")
+    # Results computed before this column existed were on the bytes stored then: the current ones.
+    db.execute("UPDATE analysis_results SET sha256 = COALESCE((SELECT i.sha256 FROM instances i "
+               "WHERE i.sop_instance_uid = analysis_results.sop_instance_uid), '')")
+    # Results of bytes since replaced, kept for audit (appliance.analyze.objects.supersede_stale):
+    # the row as it was in analysis_results (result_id: its id there), plus when and by which
+    # bytes it was superseded.  analysis_results keeps only the current results.
+    db.execute(
+        """
+        CREATE TABLE superseded_results (
+            id INTEGER PRIMARY KEY,
+            result_id INTEGER NOT NULL,
+            sop_instance_uid TEXT NOT NULL,
+            study_uid TEXT NOT NULL,
+            model_id TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            status TEXT NOT NULL,
+            findings_json TEXT NOT NULL DEFAULT '[]',
+            abstention_code TEXT NOT NULL DEFAULT '',
+            abstention_reason TEXT NOT NULL DEFAULT '',
+            error TEXT NOT NULL DEFAULT '',
+            backend TEXT NOT NULL DEFAULT '',
+            precision TEXT NOT NULL DEFAULT '',
+            sr_sop_instance_uid TEXT NOT NULL DEFAULT '',
+            sr_path TEXT NOT NULL DEFAULT '',
+            heatmap_sop_instance_uid TEXT NOT NULL DEFAULT '',
+            heatmap_path TEXT NOT NULL DEFAULT '',
+            objects_state TEXT NOT NULL DEFAULT '',
+            objects_error TEXT NOT NULL DEFAULT '',
+            sha256 TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            superseded_at TEXT NOT NULL,
+            superseded_by_sha256 TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX idx_superseded_results_study ON superseded_results(study_uid)")
+    db.execute("CREATE INDEX idx_superseded_results_sop ON superseded_results(sop_instance_uid)")
+
+
 # Numbered migrations: index i + 1 is the schema version after running MIGRATIONS[i].
 # Never edit a shipped migration; append a new one.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
@@ -366,6 +409,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m005_result_objects,
     _m006_web_sessions,
     _m007_database_identity,
+    _m008_results_belong_to_bytes,
 ]
 
 

@@ -14,7 +14,9 @@ the positive findings of that severity; for routine, the highest probability of 
 is priority, then score (descending), then arrival (oldest first).
 
 Only the newest version of each model counts for a study: an explicit re-analysis with a newer
-model version keeps the older results for audit but supersedes them for triage.
+model version keeps the older results for audit but supersedes them for triage.  Only results
+computed on an image's current bytes count: a result on bytes since replaced is superseded
+(moved to ``superseded_results`` by the worker), and is ignored here even before it is moved.
 """
 from __future__ import annotations
 
@@ -71,7 +73,9 @@ def update_study(tx: Any, study_uid: str, now: str) -> str:
     rows = [
         dict(zip(("model_id", "model_version", "status", "findings_json"), r))
         for r in tx.execute(
-            "SELECT model_id, model_version, status, findings_json FROM analysis_results WHERE study_uid = ?",
+            "SELECT r.model_id, r.model_version, r.status, r.findings_json FROM analysis_results r "
+            "JOIN instances i ON i.sop_instance_uid = r.sop_instance_uid AND i.sha256 = r.sha256 "
+            "WHERE r.study_uid = ?",
             (study_uid,),
         ).fetchall()
     ]

@@ -12,10 +12,19 @@ them with the images; so every row ends ``done`` or ``failed`` with a reason, wh
 raises, and a failed row lets the study go without its objects.  As for analysis jobs, an attempt
 is counted when the row is claimed, so a build that takes the process down is failed by the
 start-up recovery after ``analyze.max_attempts`` instead of crashing the box forever.
+
+Results belong to the bytes they were computed on (``sha256``).  When an image is replaced by
+different bytes, :func:`supersede_stale` moves its results on the older bytes from
+``analysis_results`` (which holds only current results) into ``superseded_results`` for audit,
+and supersedes their SR and SC too: their instance rows move to ``superseded_instances`` and
+their files to ``superseded/``, so they are neither shown nor forwarded; the image gets a new job.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
+import os
 import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -23,6 +32,7 @@ from typing import Any, Optional
 
 import pydicom
 
+from .. import triage
 from ..config import Config
 from ..db import Database
 from ..errors import InferenceError, StoreError
@@ -38,9 +48,145 @@ BACKOFF_CAP_S = 300
 TRANSIENT = (OSError, sqlite3.OperationalError, StoreError)
 
 
-def result_uid(source_uid: str, model_id: str, version: str, kind: str) -> str:
-    """Deterministic UID for an AI object, so a re-run replaces instead of duplicating."""
-    return derived_uid(source_uid, model_id, version, kind)
+# analysis_results columns kept in superseded_results (its result_id is the row's id).
+RESULT_COLUMNS = ("sop_instance_uid", "study_uid", "model_id", "model_version", "status", "findings_json",
+                  "abstention_code", "abstention_reason", "error", "backend", "precision", "sr_sop_instance_uid",
+                  "sr_path", "heatmap_sop_instance_uid", "heatmap_path", "objects_state", "objects_error",
+                  "sha256", "created_at")
+SUPERSEDED_OBJECT = "its AI result was superseded: the image was replaced by different bytes"
+
+
+def result_uid(source_uid: str, model_id: str, version: str, kind: str, sha256: str = "") -> str:
+    """Deterministic UID for an AI object, so a re-run replaces instead of duplicating.
+
+    The source bytes' sha256 is part of it: an object about different pixels is a different
+    object (a hub keeps the first instance it got under a UID).  Results recorded before the
+    sha256 existed (empty) keep the UIDs they had."""
+    return derived_uid(source_uid, model_id, version, kind, *([sha256] if sha256 else []))
+
+
+def read_instance(path: Path) -> tuple[bytes, str]:
+    """The bytes of a stored instance and their sha256: what is analysed is what is hashed."""
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def supersede_ai_instance(tx: Any, store: InstanceStore, sop: str, now: str) -> Optional[tuple[Path, str]]:
+    """Inside ``tx``: retire the box's AI object ``sop`` (its result was superseded).
+
+    Its file is hard-linked under ``superseded/`` (durably, before the row goes), its row moves to
+    ``superseded_instances`` and its not yet confirmed outbox entries become ``superseded`` (never
+    sent).  Returns (current path, sha256) for :func:`remove_superseded_files` after the commit;
+    a crash before that leaves a file that start-up re-indexes and :func:`recover_superseded`
+    retires again.  None if ``sop`` is not a current AI object.
+    """
+    row = tx.execute("SELECT study_uid, series_uid, file_path, size, sha256, received_at FROM instances "
+                     "WHERE sop_instance_uid = ? AND source = 'ai'", (sop,)).fetchone()
+    if row is None:
+        return None
+    study, series, path, size, sha, received_at = row
+    keep = store.superseded_dir / study / series / f"{sop}.{sha[:16]}.dcm"
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(path, keep)
+    except FileExistsError:  # an earlier, interrupted attempt linked the same bytes
+        pass
+    except FileNotFoundError:  # the file was lost: retire the row, record where it was
+        keep = Path(path)
+    else:
+        _fsync_dir(keep.parent)
+    tx.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop,))
+    tx.execute("DELETE FROM series WHERE series_uid = ? AND NOT EXISTS "
+               "(SELECT 1 FROM instances WHERE series_uid = ?)", (series, series))
+    if tx.execute("SELECT 1 FROM superseded_instances WHERE sop_instance_uid = ? AND sha256 = ?",
+                  (sop, sha)).fetchone() is None:
+        tx.execute("INSERT INTO superseded_instances (sop_instance_uid, file_path, size, sha256, received_at, "
+                   "superseded_at, superseded_by_sha256) VALUES (?, ?, ?, ?, ?, ?, '')",
+                   (sop, str(keep), size, sha, received_at, now))
+    tx.execute("UPDATE outbox_instances SET state = 'superseded', reason = ?, updated_at = ? "
+               "WHERE sop_instance_uid = ? AND state IN ('pending', 'sent')", (SUPERSEDED_OBJECT, now, sop))
+    return Path(path), sha
+
+
+def remove_superseded_files(files: list[tuple[Path, str]]) -> None:
+    """After the commit: remove retired AI objects from ``instances/`` (their copy is under
+    ``superseded/``), unless the same name now holds other bytes."""
+    for path, sha in files:
+        try:
+            if read_instance(path)[1] == sha:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def supersede_stale(tx: Any, store: InstanceStore, sop: str, now: str) -> list[tuple[Path, str]]:
+    """Inside ``tx``: supersede the results of image ``sop`` that were computed on other bytes
+    than its current ones, with their AI objects; queue the image's analysis if no job is
+    waiting and recompute the study's triage.  Returns the files for
+    :func:`remove_superseded_files` after the commit (empty if nothing was stale)."""
+    row = tx.execute("SELECT sha256, study_uid FROM instances WHERE sop_instance_uid = ?", (sop,)).fetchone()
+    if row is None:
+        return []
+    sha, study = row
+    stale = tx.execute("SELECT sr_sop_instance_uid, heatmap_sop_instance_uid FROM analysis_results "
+                       "WHERE sop_instance_uid = ? AND sha256 != ?", (sop, sha)).fetchall()
+    if not stale:
+        return []
+    cols = ", ".join(RESULT_COLUMNS)
+    tx.execute(f"INSERT INTO superseded_results (result_id, {cols}, superseded_at, superseded_by_sha256) "
+               f"SELECT id, {cols}, ?, ? FROM analysis_results WHERE sop_instance_uid = ? AND sha256 != ? ORDER BY id",
+               (now, sha, sop, sha))
+    tx.execute("DELETE FROM analysis_results WHERE sop_instance_uid = ? AND sha256 != ?", (sop, sha))
+    files = [found for uids in stale for uid in uids if uid
+             for found in [supersede_ai_instance(tx, store, uid, now)] if found]
+    tx.execute("INSERT INTO analysis_jobs (sop_instance_uid, study_uid, state, sha256, created_at, updated_at) "
+               "SELECT ?, ?, 'pending', ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM analysis_jobs "
+               "WHERE sop_instance_uid = ? AND state IN ('pending', 'running'))", (sop, study, sha, now, now, sop))
+    tx.execute("UPDATE instances SET state = 'received' WHERE sop_instance_uid = ?", (sop,))
+    triage.update_study(tx, study, now)
+    log.info("analysis %s: %d results superseded (the image was replaced)", sop, len(stale))
+    return files
+
+
+def recover_superseded(database: Database, store: InstanceStore) -> int:
+    """Start-up: supersede every result whose image has other bytes now (a crash between the
+    store's commit and the re-analysis), and retire again AI objects of superseded results
+    that a crash left in ``instances/`` (re-indexed by the store's recovery).  Returns the
+    number of images whose results were superseded."""
+    stale = [r["sop_instance_uid"] for r in database.query(
+        "SELECT DISTINCT r.sop_instance_uid FROM analysis_results r JOIN instances i "
+        "ON i.sop_instance_uid = r.sop_instance_uid WHERE r.sha256 != i.sha256")]
+    orphans = [r["sop_instance_uid"] for r in database.query(
+        "SELECT sop_instance_uid FROM instances WHERE source = 'ai' AND sop_instance_uid IN "
+        "(SELECT sr_sop_instance_uid FROM superseded_results UNION SELECT heatmap_sop_instance_uid "
+        "FROM superseded_results) AND sop_instance_uid NOT IN (SELECT sr_sop_instance_uid FROM analysis_results "
+        "UNION SELECT heatmap_sop_instance_uid FROM analysis_results)")]
+    files: list[tuple[Path, str]] = []
+    now = utc_now()
+    with database.atomic() as tx:
+        for sop in stale:
+            files += supersede_stale(tx, store, sop, now)
+        for sop in orphans:
+            found = supersede_ai_instance(tx, store, sop, now)
+            if found:
+                files.append(found)
+    remove_superseded_files(files)
+    if stale or orphans:
+        log.info("recovery: results of %d replaced images superseded, %d AI objects retired", len(stale),
+                 len(orphans))
+    return len(stale)
+
+
+class StaleResultError(Exception):
+    """The image a result was computed on has been replaced: its objects are not built."""
 
 
 class ResultObjects:
@@ -84,6 +230,8 @@ class ResultObjects:
             return False
         try:
             sr_uid, sr_path, hm_uid, hm_path = self._build(row)
+        except StaleResultError as exc:
+            self._finish(row, "failed", error=str(exc))
         except TRANSIENT as exc:
             self._retry(row, f"{type(exc).__name__}: {exc}")
         except (KeyboardInterrupt, SystemExit):
@@ -99,19 +247,24 @@ class ResultObjects:
     def _build(self, row: dict[str, Any]) -> tuple[str, str, str, str]:
         sop, study = row["sop_instance_uid"], row["study_uid"]
         path = Path(self.db.query("SELECT file_path FROM instances WHERE sop_instance_uid = ?", (sop,))[0]["file_path"])
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-        result = get_runner(row["model_id"], self.config).analyze(path)
+        data, sha = read_instance(path)
+        if row["sha256"] and sha != row["sha256"]:
+            # The image was replaced since: this result is superseded, and objects built now
+            # would show the new pixels under the old result.
+            raise StaleResultError("the image was replaced before its AI objects were built")
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        result = get_runner(row["model_id"], self.config).analyze(data)
         if result.model_version != row["model_version"]:
             raise InferenceError(f"installed {result.model} is {result.model_version}, the result is from "
                                  f"{row['model_version']}")
         model, version = result.model, result.model_version
-        sr_uid = result_uid(sop, model, version, "sr")
+        sr_uid = result_uid(sop, model, version, "sr", row["sha256"])
         sr = build_ai_sr(header, result, sop_instance_uid=sr_uid,
                          series_instance_uid=result_uid(study, model, version, "sr-series"))
         sr_path = str(self.store.store(write_part10(sr), source="ai").path)
         hm_uid = hm_path = ""
         if result.heatmap is not None:
-            hm_uid = result_uid(sop, model, version, "heatmap")
+            hm_uid = result_uid(sop, model, version, "heatmap", row["sha256"])
             sc = build_heatmap_sc(header, result, sop_instance_uid=hm_uid,
                                   series_instance_uid=result_uid(study, model, version, "hm-series"))
             hm_path = str(self.store.store(write_part10(sc), source="ai").path)
@@ -119,10 +272,20 @@ class ResultObjects:
 
     def _finish(self, row: dict[str, Any], state: str, *, error: str = "", sr_uid: str = "", sr_path: str = "",
                 hm_uid: str = "", hm_path: str = "") -> None:
+        files: list[tuple[Path, str]] = []
         with self.db.atomic() as tx:
-            tx.execute("UPDATE analysis_results SET objects_state = ?, objects_error = ?, sr_sop_instance_uid = ?, "
-                       "sr_path = ?, heatmap_sop_instance_uid = ?, heatmap_path = ? WHERE id = ?",
-                       (state, error, sr_uid, sr_path, hm_uid, hm_path, row["id"]))
+            cur = tx.execute("UPDATE analysis_results SET objects_state = ?, objects_error = ?, sr_sop_instance_uid = ?, "
+                             "sr_path = ?, heatmap_sop_instance_uid = ?, heatmap_path = ? WHERE id = ?",
+                             (state, error, sr_uid, sr_path, hm_uid, hm_path, row["id"]))
+            if not cur.rowcount:
+                # The result was superseded while its objects were built: they are superseded too.
+                tx.execute("UPDATE superseded_results SET objects_state = ?, objects_error = ?, "
+                           "sr_sop_instance_uid = ?, sr_path = ?, heatmap_sop_instance_uid = ?, heatmap_path = ? "
+                           "WHERE result_id = ?", (state, error, sr_uid, sr_path, hm_uid, hm_path, row["id"]))
+                now = utc_now()
+                files = [found for uid in (sr_uid, hm_uid) if uid
+                         for found in [supersede_ai_instance(tx, self.store, uid, now)] if found]
+        remove_superseded_files(files)
 
     def _retry(self, row: dict[str, Any], error: str) -> None:
         attempts = row["objects_attempts"]  # this attempt included (counted at the claim)

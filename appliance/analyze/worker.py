@@ -8,6 +8,12 @@ the job state and the study's triage in one transaction.
 
 Exactly once: result rows are unique per (image, model, model version) and the DICOM objects
 get deterministic UIDs, so a crash anywhere re-runs the job without duplicating anything.
+
+Results belong to the bytes: a job hashes the bytes it analyses and its results carry that
+sha256.  At the commit the image's current sha256 is checked again: if the image was replaced
+meanwhile, nothing is recorded and the job runs again on the new bytes.  Results on older bytes
+are superseded (``objects.supersede_stale``) as soon as a replacement is seen (the store records
+each one in ``superseded_instances``), at the commit of the new result, and at start-up.
 Transient failures (I/O, a busy database, a full disk) retry with capped exponential backoff;
 permanent ones (a model that cannot load, pixels that cannot be decoded) become a visible
 "failed" result for that image and model and never block other jobs.
@@ -20,6 +26,7 @@ start-up recovery fails it instead of running the same crash again.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import logging
@@ -40,7 +47,8 @@ from ..db import Database
 from ..errors import InferenceError, ManifestError
 from ..store import InstanceStore, utc_now
 from .manifest import Manifest, discover_models, load_manifest
-from .objects import TRANSIENT, ResultObjects
+from .objects import (TRANSIENT, ResultObjects, read_instance, recover_superseded, remove_superseded_files,
+                      supersede_stale)
 from .runner import AnalysisResult, failure_reason, get_runner, interrupted_reason
 
 log = logging.getLogger(__name__)
@@ -144,6 +152,8 @@ class AnalysisWorker(BackgroundService):
         self._last_settle = 0.0
         self.max_attempts = int(config["analyze"]["max_attempts"])
         self.quiet_s = int(config["analyze"]["study_quiet_s"])
+        self._replacements_seen = 0  # superseded_instances.id up to which results were checked
+        self._replacements_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def recover(self) -> int:
@@ -163,6 +173,8 @@ class AnalysisWorker(BackgroundService):
     def start(self) -> None:
         recovered = self.recover()
         self.objects.recover()
+        self._replacements_seen = self._last_replacement()
+        recover_superseded(self.db, self.store)
         if recovered:
             log.info("analysis: %d interrupted jobs re-queued", recovered)
         # Analysis threads never build result objects, so a new image is never stuck behind a
@@ -195,6 +207,11 @@ class AnalysisWorker(BackgroundService):
         self.db.db.execute("PRAGMA synchronous=NORMAL")
         deferring_since: Optional[float] = None
         while not self._stop.is_set():
+            # Before deferring to ingest: a replaced image must not show its old result meanwhile.
+            try:
+                self.supersede_replaced()
+            except Exception:  # noqa: BLE001 - a worker thread must survive anything
+                log.exception("superseding results of replaced images failed")
             # Receiving has priority: an association waiting on us keeps a modality waiting.
             # Analysis gives way while images arrive, but never for longer than max_defer_s.
             if self.ingest_busy():
@@ -213,6 +230,31 @@ class AnalysisWorker(BackgroundService):
                 self._wake.wait(0.5)
                 self._wake.clear()
 
+    # -- replaced images ---------------------------------------------------------------
+    def _last_replacement(self) -> int:
+        return int(self.db.query("SELECT COALESCE(MAX(id), 0) AS n FROM superseded_instances")[0]["n"])
+
+    def supersede_replaced(self) -> int:
+        """Supersede the results of images replaced since the last look (cheap when none was:
+        one look at ``superseded_instances``' newest id).  Returns the images looked at."""
+        newest = self._last_replacement()
+        if newest <= self._replacements_seen:
+            return 0
+        with self._replacements_lock:
+            seen = self._replacements_seen
+            if newest <= seen:
+                return 0
+            sops = [r["sop_instance_uid"] for r in self.db.query(
+                "SELECT DISTINCT sop_instance_uid FROM superseded_instances WHERE id > ? AND id <= ?", (seen, newest))]
+            files = []
+            with self.db.atomic() as tx:
+                now = utc_now()
+                for sop in sops:
+                    files += supersede_stale(tx, self.store, sop, now)
+            remove_superseded_files(files)
+            self._replacements_seen = newest
+            return len(sops)
+
     # -- queue ---------------------------------------------------------------------------
     def claim(self, study_uid: Optional[str] = None) -> Optional[dict[str, Any]]:
         now = utc_now()
@@ -225,9 +267,12 @@ class AnalysisWorker(BackgroundService):
             row = tx.execute(f"SELECT id FROM analysis_jobs WHERE {where} ORDER BY id LIMIT 1", params).fetchone()
             if row is None:
                 return None
-            # Counted before the job runs: an attempt that kills the process is an attempt.
-            tx.execute("UPDATE analysis_jobs SET state = 'running', attempts = attempts + 1, updated_at = ? "
-                       "WHERE id = ?", (now, row[0]))
+            # Counted before the job runs: an attempt that kills the process is an attempt.  A job
+            # queued without a sha256 (by the store) is for the bytes current at its claim.
+            tx.execute("UPDATE analysis_jobs SET state = 'running', attempts = attempts + 1, updated_at = ?, "
+                       "sha256 = CASE WHEN sha256 != '' THEN sha256 ELSE COALESCE((SELECT i.sha256 FROM instances i "
+                       "WHERE i.sop_instance_uid = analysis_jobs.sop_instance_uid), '') END WHERE id = ?",
+                       (now, row[0]))
         return self.db.query("SELECT * FROM analysis_jobs WHERE id = ?", (row[0],))[0]
 
     def run_once(self, study_uid: Optional[str] = None) -> bool:
@@ -294,10 +339,11 @@ class AnalysisWorker(BackgroundService):
     def process(self, job: dict[str, Any]) -> None:
         sop = job["sop_instance_uid"]
         instance = self.db.query("SELECT file_path FROM instances WHERE sop_instance_uid = ?", (sop,))[0]
-        path = Path(instance["file_path"])
+        data, sha = read_instance(Path(instance["file_path"]))
+        job = {**job, "read_sha256": sha}
         rows: list[dict[str, Any]] = []
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         except (pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
             rows.append(self._row(job, ROUTER, "1", "failed", error=f"stored file unreadable: {exc}"))
             self._commit(job, rows)
@@ -308,20 +354,20 @@ class AnalysisWorker(BackgroundService):
             rows.append(self._row(job, ROUTER, "1", "abstained", code="NO_APPLICABLE_MODEL",
                                   reason=f"no installed model is made for {modality} images"))
         done = {(r["model_id"], r["model_version"]) for r in self.db.query(
-            "SELECT model_id, model_version FROM analysis_results WHERE sop_instance_uid = ?", (sop,))}
+            "SELECT model_id, model_version FROM analysis_results WHERE sop_instance_uid = ? AND sha256 = ?", (sop, sha))}
         for r in routes:
             if (r.model_id, r.version) in done:
                 continue
-            rows.append(self._analyze(job, path, r))
+            rows.append(self._analyze(job, data, r))
         self._commit(job, rows)
 
-    def _analyze(self, job: dict[str, Any], path: Path, r: Route) -> dict[str, Any]:
+    def _analyze(self, job: dict[str, Any], data: bytes, r: Route) -> dict[str, Any]:
         if r.manifest is None:
             return self._row(job, r.model_id, r.version, "failed", error=r.error)
         try:
             runner = get_runner(r.model_id, self.config)
             # The heatmap overlay is for the result objects, built later (see objects.py).
-            result = runner.analyze(path, make_heatmap=False)
+            result = runner.analyze(data, make_heatmap=False)
         except (ManifestError, InferenceError) as exc:
             return self._row(job, r.model_id, r.version, "failed", error=f"model cannot run: {exc}")
         except (TRANSIENT + (KeyboardInterrupt, SystemExit)):
@@ -354,13 +400,24 @@ class AnalysisWorker(BackgroundService):
             "sop_instance_uid": job["sop_instance_uid"], "study_uid": job["study_uid"], "model_id": model_id,
             "model_version": version, "status": status, "findings_json": json.dumps(list(findings)),
             "abstention_code": code, "abstention_reason": reason, "error": error, "backend": backend,
-            "precision": precision, "objects_state": "none", "created_at": utc_now(),
+            "precision": precision, "objects_state": "none", "sha256": job["read_sha256"], "created_at": utc_now(),
         }
 
     def _commit(self, job: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-        """Results, job state, instance state and study triage: one transaction."""
+        """Results, job state, instance state and study triage: one transaction.
+
+        Only if the image still has the bytes the job read; otherwise the job waits for another
+        run on the new bytes (not counted as an attempt: nothing failed)."""
         now = utc_now()
+        sop, sha = job["sop_instance_uid"], job["read_sha256"]
         with self.db.atomic() as tx:
+            current = tx.execute("SELECT sha256 FROM instances WHERE sop_instance_uid = ?", (sop,)).fetchone()
+            if current is None or current[0] != sha:
+                tx.execute("UPDATE analysis_jobs SET state = 'pending', attempts = MAX(attempts - 1, 0), sha256 = ?, "
+                           "updated_at = ? WHERE id = ?", (current[0] if current else "", now, job["id"]))
+                log.info("analysis %s: the image was replaced while analysed; analysing the new bytes", sop)
+                return
+            files = supersede_stale(tx, self.store, sop, now)
             for row in rows:
                 tx.execute(
                     f"INSERT OR IGNORE INTO analysis_results ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
@@ -368,10 +425,12 @@ class AnalysisWorker(BackgroundService):
                 )
             statuses = {r[0] for r in tx.execute(
                 "SELECT status FROM analysis_results WHERE sop_instance_uid = ?", (job["sop_instance_uid"],))}
-            tx.execute("UPDATE analysis_jobs SET state = 'done', updated_at = ? WHERE id = ?", (now, job["id"]))
+            tx.execute("UPDATE analysis_jobs SET state = 'done', sha256 = ?, updated_at = ? WHERE id = ?",
+                       (sha, now, job["id"]))
             tx.execute("UPDATE instances SET state = ? WHERE sop_instance_uid = ?",
                        (_instance_state(statuses), job["sop_instance_uid"]))
             priority = triage.update_study(tx, job["study_uid"], now)
+        remove_superseded_files(files)
         for row in rows:
             # An error's kind only (the words before its first colon are ours): the rest may quote
             # a library's message, and that may quote a patient's name.
@@ -397,14 +456,15 @@ class AnalysisWorker(BackgroundService):
 def enqueue_study(database: Database, study_uid: str) -> int:
     """Queue every clinic image of a study for (re-)analysis; returns the number of jobs added.
 
-    Models already run at their current version are skipped by the worker, so this adds results
-    only for newer model versions (or models installed since), keeping the older results.
+    Models already run at their current version on the image's current bytes are skipped by the
+    worker, so this adds results only for newer model versions (or models installed since),
+    keeping the older results; results on bytes since replaced are superseded, as always.
     """
     now = utc_now()
     with database.atomic() as tx:
         cur = tx.execute(
-            "INSERT INTO analysis_jobs (sop_instance_uid, study_uid, state, created_at, updated_at) "
-            "SELECT i.sop_instance_uid, i.study_uid, 'pending', ?, ? FROM instances i "
+            "INSERT INTO analysis_jobs (sop_instance_uid, study_uid, state, sha256, created_at, updated_at) "
+            "SELECT i.sop_instance_uid, i.study_uid, 'pending', i.sha256, ?, ? FROM instances i "
             "WHERE i.study_uid = ? AND i.source != 'ai' AND i.sop_instance_uid IN "
             "(SELECT sop_instance_uid FROM analysis_jobs) AND NOT EXISTS (SELECT 1 FROM analysis_jobs j "
             "WHERE j.sop_instance_uid = i.sop_instance_uid AND j.state IN ('pending', 'running'))",

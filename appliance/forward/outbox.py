@@ -33,6 +33,11 @@ ACTIVE = ("queued", "sending", "delivered")
 PRIORITIES = {"urgent": 0, "routine": 1}
 # Where an item's instances come from: the clinic's images, plus the box's AI objects if asked.
 CLINIC_SOURCES = ("dicom", "import", "recovered")
+# The SR and SC UIDs of a study's current results (two parameters: the study UID twice).
+_CURRENT_RESULTS = ("FROM analysis_results r JOIN instances s ON s.sop_instance_uid = r.sop_instance_uid "
+                    "AND s.sha256 = r.sha256 WHERE r.study_uid = ?")
+CURRENT_AI_OBJECTS = (f"(SELECT r.sr_sop_instance_uid {_CURRENT_RESULTS} "
+                      f"UNION SELECT r.heatmap_sop_instance_uid {_CURRENT_RESULTS})")
 
 
 def _later(seconds: float) -> str:
@@ -73,13 +78,17 @@ def request_forward(database: Database, config: Config, study_uid: str, destinat
 
 
 def refresh_instances(database: Database, item: dict[str, Any], attach_ai_results: bool) -> None:
-    """Add the study's instances the item does not list yet (late images, AI results)."""
+    """Add the study's instances the item does not list yet (late images, AI results).
+
+    An AI object goes only while it belongs to a current result (one computed on its image's
+    current bytes): the objects of a superseded result are never sent."""
     sources = CLINIC_SOURCES + (("ai",) if attach_ai_results else ())
     with database.atomic() as tx:
         tx.execute(
             f"INSERT OR IGNORE INTO outbox_instances (item_id, sop_instance_uid, bytes_original, updated_at) "
             f"SELECT ?, sop_instance_uid, size, ? FROM instances WHERE study_uid = ? AND source IN "
-            f"({', '.join('?' * len(sources))})", (item["id"], utc_now(), item["study_uid"], *sources))
+            f"({', '.join('?' * len(sources))}) AND (source != 'ai' OR sop_instance_uid IN {CURRENT_AI_OBJECTS})",
+            (item["id"], utc_now(), item["study_uid"], *sources, item["study_uid"], item["study_uid"]))
 
 
 # -- the sender's transitions -----------------------------------------------------------------
