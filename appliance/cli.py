@@ -127,8 +127,8 @@ def analyze(config_file: str | None, data_dir: str | None, study_uid: str) -> No
 
 
 def _register_groups() -> None:
-    from .accounts import users
     from .analyze.commands import engines, models
+    from .cli_users import users
     from .dbrebuild import db
     from .forward.commands import forward, outbox
 

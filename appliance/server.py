@@ -8,7 +8,7 @@ from typing import Any
 
 from waitress.server import create_server
 
-from web import create_app
+from web.clinic import create_app
 
 from .acquire.receivers import ReceiverPool, process_count
 from .acquire.scp import IngestActivity, start_scp

@@ -21,8 +21,7 @@ def destination_rows(html: str, name: str) -> dict[str, str]:
 
 def test_status_screen_per_destination_after_real_attempts(tmp_path, orthanc):
     from web import create_app
-    from web.forwarding import human_bytes
-    from web.queries import local_time
+    from web.core.formatting import human_bytes, local_time
 
     box = make_box(tmp_path,
                    f'[[destinations]]\nname = "hub"\nkind = "dicomweb"\nurl = "{orthanc.dicomweb_url}"\n'

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from appliance import accounts
-from appliance.accounts import users
+from appliance import accounts, login_throttle
+from appliance.cli_users import users
 from appliance.db import open_database
 
 
@@ -48,12 +48,12 @@ def test_lockout_window(db) -> None:
     accounts.set_pin(db, user.id, "1234")
     now = datetime.now(timezone.utc)
     kiosk, desk = "10.1.1.1", "10.1.1.2"
-    for _ in range(accounts.ACCOUNT_FREE_FAILURES - 1):
+    for _ in range(login_throttle.ACCOUNT_FREE_FAILURES - 1):
         assert accounts.authenticate(db, "nurse", "9999", "pin", now=now, client=kiosk) is None
-    with pytest.raises(accounts.LockedError) as locked:  # PIN and password failures share the counter
+    with pytest.raises(login_throttle.LockedError) as locked:  # PIN and password failures share the counter
         accounts.authenticate(db, "nurse", "wrong-password", "password", now=now, client=kiosk)
     assert locked.value.attempted and locked.value.scope == "account" and locked.value.retry_after == 1
-    with pytest.raises(accounts.LockedError) as refused:
+    with pytest.raises(login_throttle.LockedError) as refused:
         accounts.authenticate(db, "nurse", "1234", "pin", now=now + timedelta(seconds=0.5), client=kiosk)
     assert not refused.value.attempted
     # A terminal that has not been failing is not held back...
@@ -61,23 +61,23 @@ def test_lockout_window(db) -> None:
     # ...and the failing one is let in once its delay has run.
     later = now + timedelta(seconds=1)
     assert accounts.authenticate(db, "nurse", "1234", "pin", now=later, client=kiosk) is not None
-    state = accounts.lock_state(db, "nurse", now=later)
-    assert state == accounts.LockState(failures=accounts.ACCOUNT_FREE_FAILURES, wait_s=0, pin_blocked=False)
-    assert accounts.unlock(db, "NURSE") == 1  # names are case-insensitive
-    assert accounts.lock_state(db, "nurse").failures == 0
+    state = login_throttle.lock_state(db, "nurse", now=later)
+    assert state == login_throttle.LockState(failures=login_throttle.ACCOUNT_FREE_FAILURES, wait_s=0, pin_blocked=False)
+    assert login_throttle.unlock(db, "NURSE") == 1  # names are case-insensitive
+    assert login_throttle.lock_state(db, "nurse").failures == 0
     assert accounts.authenticate(db, "nobody", "x") is None  # unknown users do not raise
 
 
 def test_password_reset_unlocks(db) -> None:
     user = accounts.create_user(db, "nurse", "nurse-password", "staff")
-    for _ in range(accounts.ACCOUNT_FREE_FAILURES + 3):
+    for _ in range(login_throttle.ACCOUNT_FREE_FAILURES + 3):
         try:
             accounts.authenticate(db, "nurse", "wrong-password", client="10.1.1.1")
-        except accounts.LockedError:
+        except login_throttle.LockedError:
             pass
-    assert accounts.lock_state(db, "nurse").wait_s > 0
+    assert login_throttle.lock_state(db, "nurse").wait_s > 0
     accounts.set_password(db, user.id, "another-password")
-    assert accounts.lock_state(db, "nurse") == accounts.LockState(0, 0, False)
+    assert login_throttle.lock_state(db, "nurse") == login_throttle.LockState(0, 0, False)
     assert accounts.authenticate(db, "nurse", "another-password", client="10.1.1.1") is not None
 
 
@@ -86,6 +86,39 @@ def test_disabled_user_cannot_sign_in(db) -> None:
     accounts.set_disabled(db, user.id, True)
     assert accounts.authenticate(db, "temp", "temp-password") is None
     assert accounts.find_user(db, "temp").session_version == user.session_version + 1
+
+
+def test_refusals_carry_their_reason(db) -> None:
+    accounts.create_user(db, "ok", "long-enough-1", "viewer")
+    for call, code in ((lambda: accounts.create_user(db, "x", "short", "staff"), "short_password"),
+                       (lambda: accounts.create_user(db, "bad name!", "long-enough-1", "staff"), "bad_name"),
+                       (lambda: accounts.create_user(db, "OK", "long-enough-1", "viewer"), "name_taken"),
+                       (lambda: accounts.create_user(db, "fine", "long-enough-1", "root"), "bad_role"),
+                       (lambda: accounts.set_language(db, accounts.find_user(db, "ok").id, "de"), "bad_language"),
+                       (lambda: accounts.set_pin(db, accounts.find_user(db, "ok").id, "12"), "bad_pin"),
+                       (lambda: accounts.set_disabled(db, 4242, True), "no_user")):
+        with pytest.raises(accounts.AccountError) as refused:
+            call()
+        assert refused.value.code == code, code
+
+
+def test_the_last_active_administrator_stays(db) -> None:
+    first = accounts.create_user(db, "first", "first-password", "admin")
+    second = accounts.create_user(db, "second", "second-password", "admin")
+    accounts.set_role(db, second.id, "staff")  # another administrator is left: allowed
+    for change in (lambda: accounts.set_role(db, first.id, "viewer"),
+                   lambda: accounts.set_disabled(db, first.id, True)):
+        with pytest.raises(accounts.AccountError) as refused:
+            change()
+        assert refused.value.code == "last_admin"
+    after = accounts.find_user(db, "first")
+    assert after.role == "admin" and not after.disabled and after.session_version == first.session_version
+    accounts.set_role(db, second.id, "admin")
+    accounts.set_disabled(db, first.id, True)  # now the second one administers the box
+    with pytest.raises(accounts.AccountError):
+        accounts.set_disabled(db, second.id, True)
+    accounts.set_role(db, first.id, "staff")  # a disabled administrator is not an active one
+    assert accounts.find_user(db, "first").role == "staff"
 
 
 def test_users_cli_add_list_set_pin(tmp_path: Path) -> None:

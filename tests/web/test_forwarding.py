@@ -183,7 +183,7 @@ def test_report_text_shows_escaped_and_marks_the_case(hub_app: Any) -> None:
 
 
 def test_sizes_in_words(hub_app: Any) -> None:
-    from web.forwarding import human_bytes
+    from web.core.formatting import human_bytes
 
     with hub_app.test_request_context(headers={"Accept-Language": "en"}):
         assert [human_bytes(n) for n in (0, 999, 7_200_056, 812_400, 1_400_000_000, 250_000_000)] == \

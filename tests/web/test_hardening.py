@@ -2,7 +2,7 @@
 and give no lever to lock anyone out, the per-client rate limit, ``page=`` validation, and LIKE
 wildcards in search.  Flask's test client on a temp database, plus one real `appliance serve`.
 
-Sign-in limits are tested on a controlled clock (``accounts._now``): delays of seconds to hours
+Sign-in limits are tested on a controlled clock (``login_throttle.clock``): delays of seconds to hours
 are walked through exactly instead of slept through."""
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 import requests
 from click.testing import CliRunner
 
-from appliance import accounts, audit
-from appliance.accounts import users
+from appliance import accounts, audit, login_throttle
+from appliance.cli_users import users
 from appliance.db import open_database
 from appliance.store import InstanceStore
 from tests.helpers import sample
@@ -44,7 +44,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr(accounts, "_now", fake)
+    monkeypatch.setattr(login_throttle, "clock", fake)
     return fake
 
 
@@ -143,12 +143,12 @@ def test_session_replay_after_logout_over_http(server_factory: Any, tmp_path: Pa
     answers = [attacker.post(f"{base}/login", data={"csrf_token": token, "username": "nurse", "password": f"guess-{i}"},
                              allow_redirects=False, timeout=10) for i in range(40)]
     statuses = [a.status_code for a in answers]
-    assert statuses[:accounts.ACCOUNT_FREE_FAILURES - 1] == [401] * (accounts.ACCOUNT_FREE_FAILURES - 1)
-    assert statuses[accounts.ACCOUNT_FREE_FAILURES - 1:] == [429] * (41 - accounts.ACCOUNT_FREE_FAILURES)
+    assert statuses[:login_throttle.ACCOUNT_FREE_FAILURES - 1] == [401] * (login_throttle.ACCOUNT_FREE_FAILURES - 1)
+    assert statuses[login_throttle.ACCOUNT_FREE_FAILURES - 1:] == [429] * (41 - login_throttle.ACCOUNT_FREE_FAILURES)
     assert all(int(a.headers["Retry-After"]) >= 1 for a in answers if a.status_code == 429)
     checked = open_database(data_dir).query(
         "SELECT COUNT(*) AS n FROM audit_log WHERE actor = 'nurse' AND action IN ('login_failed', 'login_locked')")
-    assert accounts.ACCOUNT_FREE_FAILURES <= checked[0]["n"] < accounts.LOGIN_RATE_MAX
+    assert login_throttle.ACCOUNT_FREE_FAILURES <= checked[0]["n"] < login_throttle.LOGIN_RATE_MAX
 
 
 # -- no user-name oracle ---------------------------------------------------------------------
@@ -178,8 +178,8 @@ def test_unknown_and_known_users_are_indistinguishable(app: Any, clock: Clock, s
     assert (401, 1) in seen and (429, 1) in seen and (429, 0) in seen
     if method == "pin":
         assert "PIN sign-in is blocked" in first.text
-    assert accounts.lock_state(app.extensions["appliance_db"], known) == \
-        accounts.lock_state(app.extensions["appliance_db"], "nobody")
+    assert login_throttle.lock_state(app.extensions["appliance_db"], known) == \
+        login_throttle.lock_state(app.extensions["appliance_db"], "nobody")
 
 
 def test_unknown_user_costs_one_scrypt_like_a_known_one(app: Any, scrypt_calls: list[int]) -> None:
@@ -194,7 +194,7 @@ def test_unknown_user_costs_one_scrypt_like_a_known_one(app: Any, scrypt_calls: 
 
 def test_delays_double_up_to_the_cap(app: Any, clock: Clock) -> None:
     attacker = client_at(app, ATTACKER)
-    for _ in range(accounts.ACCOUNT_FREE_FAILURES - 1):
+    for _ in range(login_throttle.ACCOUNT_FREE_FAILURES - 1):
         assert attempt(attacker, "admin", "guess").status_code == 401
     delays = []
     for _ in range(14):
@@ -205,7 +205,7 @@ def test_delays_double_up_to_the_cap(app: Any, clock: Clock) -> None:
         assert refused.status_code == 429 and int(refused.headers["Retry-After"]) == delays[-1]
         clock.advance(delays[-1])
     assert delays[:10] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
-    assert delays[10:] == [accounts.DELAY_MAX_S] * 4
+    assert delays[10:] == [login_throttle.DELAY_MAX_S] * 4
 
 
 def test_attacker_cannot_keep_the_real_user_out(app: Any, clock: Clock) -> None:
@@ -217,7 +217,7 @@ def test_attacker_cannot_keep_the_real_user_out(app: Any, clock: Clock) -> None:
     assert answers.count(401) + answers.count(429) == 60 and answers[-1] == 429
     assert attempt(attacker, "admin", PASSWORDS["admin"]).status_code == 429  # its own terminal stays locked
     db = app.extensions["appliance_db"]
-    assert accounts.lock_state(db, "admin").wait_s > 0
+    assert login_throttle.lock_state(db, "admin").wait_s > 0
     office = client_at(app, OFFICE)
     signed_in = attempt(office, "admin", PASSWORDS["admin"])
     assert signed_in.status_code == 302
@@ -247,7 +247,7 @@ def test_admin_unlock_lets_the_user_in_again(app: Any, clock: Clock) -> None:
 
 def test_unlock_from_the_command_line(app: Any, clock: Clock, tmp_path: Path) -> None:
     attacker = client_at(app, ATTACKER)
-    for i in range(accounts.PIN_MAX_FAILURES):
+    for i in range(login_throttle.PIN_MAX_FAILURES):
         attempt(client_at(app, f"10.0.3.{i}"), "staff", f"{i:04d}", "pin")
     assert "PIN sign-in is blocked" in attempt(attacker, "staff", STAFF_PIN, "pin").text
     runner = CliRunner()
@@ -269,8 +269,8 @@ def test_pin_guessing_is_bounded_across_all_clients(app: Any, clock: Clock, scry
         checked += len(scrypt_calls) - before
         assert answer.status_code in (401, 429)
         clock.advance(30)
-    assert checked == accounts.PIN_MAX_FAILURES
-    assert accounts.lock_state(db, "staff").pin_blocked
+    assert checked == login_throttle.PIN_MAX_FAILURES
+    assert login_throttle.lock_state(db, "staff").pin_blocked
     # The right PIN is refused from anywhere; the password still signs the nurse in.
     assert attempt(client_at(app, "10.0.5.1"), "staff", STAFF_PIN, "pin").status_code == 429
     assert attempt(client_at(app, "10.0.5.2"), "staff", PASSWORDS["staff"]).status_code == 302
@@ -282,37 +282,37 @@ def test_pin_guessing_is_bounded_across_all_clients(app: Any, clock: Clock, scry
 
 def test_rate_limit_per_client(app: Any, clock: Clock, scrypt_calls: list[int]) -> None:
     kiosk = client_at(app, KIOSK)
-    for _ in range(accounts.LOGIN_RATE_MAX):  # right or wrong, every checked attempt counts
+    for _ in range(login_throttle.LOGIN_RATE_MAX):  # right or wrong, every checked attempt counts
         assert attempt(kiosk, "staff", PASSWORDS["staff"]).status_code == 302
     clock.advance(10)
     before = len(scrypt_calls)
     limited = attempt(kiosk, "viewer", PASSWORDS["viewer"])
     assert limited.status_code == 429 and len(scrypt_calls) == before
-    assert int(limited.headers["Retry-After"]) == accounts.LOGIN_RATE_WINDOW_S - 10
+    assert int(limited.headers["Retry-After"]) == login_throttle.LOGIN_RATE_WINDOW_S - 10
     assert "from this device" in limited.text
     assert attempt(client_at(app, OFFICE), "viewer", PASSWORDS["viewer"]).status_code == 302  # others unaffected
-    clock.advance(accounts.LOGIN_RATE_WINDOW_S - 10)
+    clock.advance(login_throttle.LOGIN_RATE_WINDOW_S - 10)
     assert attempt(kiosk, "viewer", PASSWORDS["viewer"]).status_code == 302
 
 
 def test_failing_terminal_is_slowed_for_every_name(app: Any, clock: Clock) -> None:
     sprayer = client_at(app, ATTACKER)
-    for i in range(accounts.CLIENT_FREE_FAILURES - 1):
+    for i in range(login_throttle.CLIENT_FREE_FAILURES - 1):
         assert attempt(sprayer, f"name{i}", "password-1").status_code == 401
     answer = attempt(sprayer, "another-name", "password-1")
     assert answer.status_code == 429 and "from this device" in answer.text
     assert attempt(sprayer, "staff", PASSWORDS["staff"]).status_code == 429
     assert attempt(client_at(app, KIOSK), "staff", PASSWORDS["staff"]).status_code == 302
-    clock.advance(accounts.FAILURE_MEMORY_S)  # forgotten an hour after the last failure
+    clock.advance(login_throttle.FAILURE_MEMORY_S)  # forgotten an hour after the last failure
     assert attempt(sprayer, "staff", PASSWORDS["staff"]).status_code == 302
 
 
 def test_ipv6_clients_are_counted_by_their_64() -> None:
-    assert accounts.client_key("2001:db8:1:2:aaaa::1") == accounts.client_key("2001:db8:1:2:bbbb::9") == \
+    assert login_throttle.client_key("2001:db8:1:2:aaaa::1") == login_throttle.client_key("2001:db8:1:2:bbbb::9") == \
         "2001:db8:1:2::/64"
-    assert accounts.client_key("::ffff:10.0.0.66") == ATTACKER
-    assert accounts.client_key("fe80::1%eth0") == "fe80::/64"
-    assert accounts.client_key("") == "local"
+    assert login_throttle.client_key("::ffff:10.0.0.66") == ATTACKER
+    assert login_throttle.client_key("fe80::1%eth0") == "fe80::/64"
+    assert login_throttle.client_key("") == "local"
 
 
 # -- page= -----------------------------------------------------------------------------------
@@ -348,7 +348,7 @@ def test_no_get_screen_answers_500_to_a_bad_page(study_app: Any) -> None:
     uid = study_app.config["STUDY_UIDS"]["RG1_UNCR.dcm"]
     checked = 0
     for rule in study_app.url_map.iter_rules():
-        if "GET" not in rule.methods or rule.endpoint == "static":
+        if "GET" not in rule.methods or rule.endpoint in ("static", "core.static"):
             continue
         url = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", lambda m: "1" if m.group(1) != "study_uid" else uid, rule.rule)
         for value in ("abc", "-1", str(10**30)):
@@ -359,7 +359,7 @@ def test_no_get_screen_answers_500_to_a_bad_page(study_app: Any) -> None:
 
 
 def test_page_number_rules() -> None:
-    from web.queries import MAX_PAGE, page_number
+    from web.clinic.queries import MAX_PAGE, page_number
 
     assert page_number("") == 1 and page_number("7") == 7 and page_number("007") == 7
     assert page_number(str(10**30)) == MAX_PAGE == page_number(str(MAX_PAGE + 1))
@@ -414,7 +414,7 @@ def test_search_wildcards_match_themselves(app: Any, tmp_path: Path) -> None:
 
 
 def test_like_literal() -> None:
-    from web.queries import like_literal
+    from web.clinic.queries import like_literal
 
     assert like_literal("a%b_c\\d") == "a\\%b\\_c\\\\d"
     assert like_literal("plain") == "plain"
@@ -432,13 +432,13 @@ def test_parallel_attempts_are_counted_before_they_are_checked(app: Any, clock: 
     def guess(i: int) -> str:
         try:
             return "none" if accounts.authenticate(db, "staff", f"guess-{i}", client=ATTACKER) is None else "user"
-        except accounts.LockedError as exc:
+        except login_throttle.LockedError as exc:
             return exc.scope
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(guess, range(20)))
-    assert len(scrypt_calls) == accounts.ACCOUNT_FREE_FAILURES
+    assert len(scrypt_calls) == login_throttle.ACCOUNT_FREE_FAILURES
     # Refused or wrong, never signed in; which of the five checked ones say "wrong" (401) rather
     # than "locked" (429) depends on how they interleave.
-    assert set(answers) <= {"none", "account"} and answers.count("account") >= 20 - accounts.ACCOUNT_FREE_FAILURES
-    assert accounts.lock_state(db, "staff").failures == accounts.ACCOUNT_FREE_FAILURES
+    assert set(answers) <= {"none", "account"} and answers.count("account") >= 20 - login_throttle.ACCOUNT_FREE_FAILURES
+    assert login_throttle.lock_state(db, "staff").failures == login_throttle.ACCOUNT_FREE_FAILURES

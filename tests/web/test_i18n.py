@@ -15,7 +15,7 @@ from tests.web.conftest import CHEST, login
 WEB = Path(__file__).resolve().parents[2] / "web"
 PO = WEB / "translations" / "fr" / "LC_MESSAGES" / "messages.po"
 MO = PO.with_suffix(".mo")
-METHODS = [("**.py", "python"), ("templates/**.html", "jinja2")]
+METHODS = [("**.py", "python"), ("**/templates/**.html", "jinja2")]  # as web/babel.cfg
 KEYWORDS = {"_": None, "gettext": None, "lazy_gettext": None}
 
 

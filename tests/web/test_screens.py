@@ -153,8 +153,10 @@ def test_status_and_admin_screens(study_app: Any) -> None:
     client.post(f"/admin/users/{nurse.id}", data={"csrf_token": token, "action": "disable"})
     assert accounts.find_user(db, "nurse2").disabled
     admin = accounts.find_user(db, "admin")
-    client.post(f"/admin/users/{admin.id}", data={"csrf_token": token, "action": "role", "value": "staff"})
+    refused = client.post(f"/admin/users/{admin.id}", data={"csrf_token": token, "action": "role", "value": "staff"},
+                          follow_redirects=True)
     assert accounts.find_user(db, "admin").role == "admin"  # the last admin cannot be demoted
+    assert "The last active administrator cannot be disabled or demoted." in refused.text
     audit_page = client.get("/admin/audit?user=admin&action=user_add").text
     assert "nurse2" in audit_page
     assert "1 entries" in audit_page or "· 1 " in audit_page

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from appliance import accounts
+from appliance import accounts, login_throttle
 from tests.web.conftest import PASSWORDS, STAFF_PIN, add_users, csrf_of, login, make_app
 
-PUBLIC = {"static", "health.healthz", "auth.login", "auth.setup"}
+PUBLIC = {"static", "core.static", "health.healthz", "auth.login", "auth.setup"}
 
 
 def _url(rule: Any) -> str:
@@ -41,10 +41,14 @@ def test_every_route_needs_a_session(app: Any) -> None:
 
 
 def test_public_routes(app: Any) -> None:
+    from web.core.security import PUBLIC_ENDPOINTS
+
+    assert PUBLIC_ENDPOINTS == PUBLIC  # publishing another endpoint is a decision this test records
     client = app.test_client()
     assert client.get("/healthz").status_code == 200
     assert client.get("/login").status_code == 200
-    assert client.get("/static/app.css").status_code == 200
+    assert client.get("/static/clinic.css").status_code == 200
+    assert client.get("/core/static/core.css").status_code == 200
     assert client.get("/setup").status_code == 404  # users exist: set-up is gone
 
 
@@ -109,11 +113,11 @@ def _try(client: Any, username: str, method: str, secret: str) -> Any:
                                                 ("pin", STAFF_PIN, "0000")])
 def test_lockout_after_five_failures(app: Any, monkeypatch: pytest.MonkeyPatch, method: str, right: str,
                                      wrong: str) -> None:
-    start = accounts._now()
-    monkeypatch.setattr(accounts, "_now", lambda: start)  # the delay runs only when the test says so
+    start = login_throttle.clock()
+    monkeypatch.setattr(login_throttle, "clock", lambda: start)  # the delay runs only when the test says so
     client = app.test_client()
     assert _try(client, "staff", method, wrong).status_code == 401
-    for _ in range(accounts.ACCOUNT_FREE_FAILURES - 2):
+    for _ in range(login_throttle.ACCOUNT_FREE_FAILURES - 2):
         assert _try(client, "staff", method, wrong).status_code == 401
     locked = _try(client, "staff", method, wrong)
     assert locked.status_code == 429 and "locked" in locked.text and locked.headers["Retry-After"] == "1"
@@ -122,10 +126,10 @@ def test_lockout_after_five_failures(app: Any, monkeypatch: pytest.MonkeyPatch, 
     assert client.get("/").status_code == 302
     db = app.extensions["appliance_db"]
     # The lock expires after its delay (test_hardening walks through the doubling delays).
-    monkeypatch.setattr(accounts, "_now", lambda: start + timedelta(seconds=1))
+    monkeypatch.setattr(login_throttle, "clock", lambda: start + timedelta(seconds=1))
     assert _try(client, "staff", method, right).status_code == 302
     actions = [r["action"] for r in db.query("SELECT action FROM audit_log WHERE actor = 'staff'")]
-    assert actions.count("login_failed") == accounts.ACCOUNT_FREE_FAILURES - 1 and "login_locked" in actions
+    assert actions.count("login_failed") == login_throttle.ACCOUNT_FREE_FAILURES - 1 and "login_locked" in actions
 
 
 def test_pin_login_for_staff_not_for_admin(app: Any) -> None:

@@ -11,8 +11,9 @@ from flask import Blueprint, current_app, render_template
 from appliance.analyze.backends import resolve_backend
 from appliance.errors import ApplianceError
 
+from web.core.security import database
+
 from .. import engines_info, forwarding
-from ..security import database
 
 bp = Blueprint("status", __name__)
 

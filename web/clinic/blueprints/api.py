@@ -10,10 +10,11 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from appliance import audit
+from appliance import alerts as urgent_alerts
+from web.core.formatting import local_time, patient_name
+from web.core.security import database, passive
 
 from .. import queries
-from ..security import database, passive
 from .worklist import filters
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -26,35 +27,26 @@ def worklist() -> Any:
     return jsonify(result)
 
 
-def _unacknowledged(after: int) -> list[dict[str, Any]]:
-    db = database()
-    rows = db.query(
-        "SELECT e.id, e.at, e.study_uid, s.priority, p.patient_id, p.name FROM events e "
-        "JOIN studies s ON s.study_uid = e.study_uid JOIN patients p ON p.id = s.patient_pk "
-        "WHERE e.kind = 'urgent' AND e.id > ? AND s.priority = 'urgent' ORDER BY e.id DESC LIMIT 20", (after,))
+def _shown(after: int) -> list[dict[str, Any]]:
     return [{"id": r["id"], "study_uid": r["study_uid"], "patient_id": r["patient_id"],
-             "patient_name": queries.patient_name(r["name"]), "at": queries.local_time(r["at"])} for r in rows]
+             "patient_name": patient_name(r["name"]), "at": local_time(r["at"])}
+            for r in urgent_alerts.open_alerts(database(), after)]
 
 
 @bp.get("/alerts")
 @passive
 def alerts() -> Any:
     """Urgent studies this user has not acknowledged yet (newest first)."""
-    return jsonify(alerts=_unacknowledged(g.user.alert_ack_event_id))
+    return jsonify(alerts=_shown(g.user.alert_ack_event_id))
 
 
 @bp.post("/alerts/ack")
 def acknowledge() -> Any:
     """Acknowledge alerts up to an event id (the newest the user saw)."""
-    body = request.get_json(silent=True) or {}
+    body = request.get_json(silent=True)
     try:
-        upto = int(body.get("upto", 0))
+        upto = int(body.get("upto", 0) if isinstance(body, dict) else 0)
     except (TypeError, ValueError):
         return jsonify(error="upto must be an event id"), 400
-    db = database()
-    newest = db.query("SELECT COALESCE(MAX(id), 0) AS n FROM events")[0]["n"]
-    upto = max(g.user.alert_ack_event_id, min(upto, newest))
-    with db.atomic() as tx:
-        tx.execute("UPDATE users SET alert_ack_event_id = ? WHERE id = ?", (upto, g.user.id))
-        audit.record_tx(tx, g.user.username, "alert_ack", detail={"upto_event": upto})
-    return jsonify(acknowledged=upto, alerts=_unacknowledged(upto))
+    acknowledged = urgent_alerts.acknowledge(database(), g.user, upto)
+    return jsonify(acknowledged=acknowledged, alerts=_shown(acknowledged))

@@ -10,17 +10,19 @@ from flask import Blueprint, Response, abort, current_app, flash, g, redirect, r
 from flask_babel import gettext as _
 
 from appliance import audit, triage
+from appliance import review as reviewing
 from appliance.analyze.runner import AI_NOTICE
 from appliance.errors import ConfigError, DecodeError
 from appliance.forward import cancel_item, request_forward, retry_item
 from appliance.forward.errors import ForwardRequestError
+from web.core import imaging
+from web.core.formatting import age, patient_name
+from web.core.security import database, roles_required
 
-from .. import engines_info, forwarding, imaging, queries
-from ..security import database, roles_required
+from .. import engines_info, forwarding, queries
 
 bp = Blueprint("study", __name__, url_prefix="/study")
 
-VERDICTS = ("agree", "disagree", "uncertain")
 FORWARD_PRIORITIES = ("urgent", "routine")
 ROUTER = "router"
 
@@ -57,7 +59,7 @@ def _results(study_uid: str) -> list[dict[str, Any]]:
     for r in rows:
         findings = json.loads(r["findings_json"])
         for f in findings:
-            f["key"] = f"{r['id']}:{f['code']}"
+            f["key"] = reviewing.finding_key(r["id"], f["code"])
         out.append({
             **r, "findings": findings, "current": r["id"] in current,
             "model_name": _("no model") if r["model_id"] == ROUTER else engines_info.model_name(engines_dir, r["model_id"]),
@@ -92,20 +94,18 @@ def view(study_uid: str) -> Any:
     study = _study_or_404(study_uid)
     results = _results(study_uid)
     images = _images(study_uid, results)
-    reviews = db.query("SELECT * FROM reviews WHERE study_uid = ? ORDER BY id DESC", (study_uid,))
-    for review in reviews:
-        review["verdicts"] = json.loads(review["verdicts_json"])
+    done = reviewing.list_reviews(db, study_uid)
     forwards = forwarding.study_items(db, study_uid)
     audit.record(db, g.user.username, "view_study", study_uid)
     summary = queries.ai_summary(results, 0, 0)
     return render_template(
-        "study.html", study=study, images=images, results=results, reviews=reviews, forwards=forwards,
+        "study.html", study=study, images=images, results=results, reviews=done, forwards=forwards,
         reports=forwarding.study_report_list(db, study_uid),
-        summary=summary, ai_notice=AI_NOTICE, verdicts=VERDICTS, destinations=destinations(),
-        chips=queries.chips(study["state"], forwards), patient_name=queries.patient_name(study["name"]),
-        age=queries.age(study["birth_date"], study["study_date"]), presets=list(imaging.PRESETS),
+        summary=summary, ai_notice=AI_NOTICE, verdicts=reviewing.VERDICTS, destinations=destinations(),
+        chips=queries.chips(study["state"], forwards), patient_name=patient_name(study["name"]),
+        age=age(study["birth_date"], study["study_date"]), presets=list(imaging.PRESETS),
         priority_label=queries.priority_words(study["priority"]), forward_priorities=FORWARD_PRIORITIES,
-        last_verdicts=reviews[0]["verdicts"] if reviews else {})
+        last_verdicts=done[0]["verdicts"] if done else {})
 
 
 def _png(path: Path, frame: Any, preset: str) -> Response:
@@ -144,24 +144,13 @@ def heatmap(study_uid: str, result_id: int) -> Any:
 @roles_required("admin", "staff")
 def review(study_uid: str) -> Any:
     _study_or_404(study_uid)
-    keys = {f["key"] for r in _results(study_uid) if r["current"] for f in r["findings"]}
-    verdicts = {}
-    for key in keys:
-        value = request.form.get(f"verdict:{key}", "")
-        if value and value not in VERDICTS:
-            abort(400)
-        if value:
-            verdicts[key] = value
-    note = request.form.get("note", "").strip()[:2000]
-    now = audit.utc_now()
-    with database().atomic() as tx:
-        tx.execute("INSERT INTO reviews (study_uid, username, at, verdicts_json, note) VALUES (?, ?, ?, ?, ?)",
-                   (study_uid, g.user.username, now, json.dumps(verdicts, sort_keys=True), note))
-        # Later stages (sent, report back) are not undone by a new review.
-        tx.execute("UPDATE studies SET state = 'reviewed' WHERE study_uid = ? AND state IN ('received', 'analyzed')",
-                   (study_uid,))
-        audit.record_tx(tx, g.user.username, "review", study_uid,
-                        {"verdicts": verdicts, "note_chars": len(note)})
+    # One form field per current finding; a verdict left empty is no verdict.
+    verdicts = {key: request.form[f"verdict:{key}"] for key in reviewing.finding_keys(database(), study_uid)
+                if request.form.get(f"verdict:{key}")}
+    try:
+        reviewing.record_review(database(), study_uid, g.user.username, verdicts, request.form.get("note", ""))
+    except reviewing.ReviewError as exc:
+        abort(404 if exc.code == "no_study" else 400)
     flash(_("Marked as reviewed."), "ok")
     return redirect(url_for("study.view", study_uid=study_uid))
 

@@ -7,11 +7,11 @@ from typing import Any
 from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
-from appliance import accounts, audit
+from appliance import accounts, audit, login_throttle
+from web.core.auth import account_error_words
+from web.core.security import database, roles_required
 
 from .. import engines_info, queries
-from ..security import database, roles_required
-from .auth import account_error_words
 from .study import destination_details
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -34,7 +34,7 @@ def users() -> Any:
     db = database()
     rows = accounts.list_users(db)
     return render_template("admin/users.html", users=rows, roles=accounts.ROLES, min_password=accounts.MIN_PASSWORD,
-                           locks={u.id: accounts.lock_state(db, u.username) for u in rows})
+                           locks={u.id: login_throttle.lock_state(db, u.username) for u in rows})
 
 
 @bp.post("/users")
@@ -47,7 +47,7 @@ def add_user() -> Any:
         if form.get("pin"):
             accounts.set_pin(db, user.id, form["pin"])
     except accounts.AccountError as exc:
-        flash(account_error_words(str(exc)), "error")
+        flash(account_error_words(exc), "error")
         return redirect(url_for("admin.users"))
     audit.record(db, g.user.username, "user_add", detail={"user": user.username, "role": user.role})
     flash(_("User %(name)s added.", name=user.username), "ok")
@@ -62,11 +62,6 @@ def update_user(user_id: int) -> Any:
         abort(404)
     action = request.form.get("action", "")
     value = request.form.get("value", "")
-    removes_admin = target.role == "admin" and not target.disabled and (
-        action == "disable" or (action == "role" and value != "admin"))
-    if removes_admin and accounts.active_admins(db) <= 1:
-        flash(_("The last active administrator cannot be disabled or demoted."), "error")
-        return redirect(url_for("admin.users"))
     try:
         if action == "role":
             accounts.set_role(db, user_id, value)
@@ -79,11 +74,11 @@ def update_user(user_id: int) -> Any:
         elif action == "pin":
             accounts.set_pin(db, user_id, value or None)
         elif action == "unlock":
-            accounts.unlock(db, target.username)
+            login_throttle.unlock(db, target.username)
         else:
             abort(400)
-    except accounts.AccountError as exc:
-        flash(account_error_words(str(exc)), "error")
+    except accounts.AccountError as exc:  # also the last active administrator's role and state
+        flash(account_error_words(exc), "error")
         return redirect(url_for("admin.users"))
     # Never the secret itself in the audit trail.
     shown = value if action == "role" else ""

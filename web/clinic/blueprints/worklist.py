@@ -5,8 +5,9 @@ from typing import Any
 
 from flask import Blueprint, abort, current_app, render_template, request
 
+from web.core.security import database
+
 from .. import queries
-from ..security import database
 
 bp = Blueprint("worklist", __name__)
 

@@ -1,25 +1,34 @@
-"""Sign-in (password or touchscreen PIN), sign-out, first-administrator set-up, own account."""
+"""Sign-in (password or touchscreen PIN), sign-out, first-administrator set-up, own account.
+
+Part of the core: the login gate (:mod:`.security`) sends every app's visitors here, and a
+sign-in lands on the app's home page (``HOME_ENDPOINT``, set by :func:`web.core.init_core`).
+"""
 from __future__ import annotations
 
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Blueprint, abort, flash, g, redirect, render_template, request, session, url_for
+from flask import Blueprint, abort, current_app, flash, g, redirect, render_template, request, session, url_for
 from flask_babel import gettext as _
 
 from appliance import accounts, audit
+from appliance.login_throttle import LockedError
 
-from ..i18n import LANGUAGES
-from ..security import database, end_session, start_session
+from .i18n import LANGUAGES
+from .security import database, end_session, start_session
 
 bp = Blueprint("auth", __name__)
+
+
+def _home() -> str:
+    return url_for(current_app.config["HOME_ENDPOINT"])
 
 
 def _safe_next(target: str) -> str:
     """Only local paths: an open redirect would let a link send users to a look-alike site."""
     parts = urlsplit(target or "")
     if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
-        return url_for("worklist.index")
+        return _home()
     return target
 
 
@@ -33,7 +42,7 @@ def _wait_words(seconds: int) -> str:
     return _("%(n)d d", n=-(-seconds // 86400))
 
 
-def _locked_message(exc: accounts.LockedError) -> str:
+def _locked_message(exc: LockedError) -> str:
     """Words for a sign-in limit.  They name the limit, never whether the user name exists."""
     if exc.scope == "pin":
         return _("PIN sign-in is blocked for this user name after too many wrong PINs. Sign in with your "
@@ -62,7 +71,7 @@ def login() -> Any:
         secret = request.form.get("pin" if method == "pin" else "password", "")
         try:
             user = accounts.authenticate(db, username, secret, method, client=request.remote_addr or "")
-        except accounts.LockedError as exc:
+        except LockedError as exc:
             if exc.attempted:
                 # Only a checked attempt is recorded: refusals are cheap for a flood to
                 # produce and would bury the trail.
@@ -126,26 +135,28 @@ def setup() -> Any:
                 user = accounts.create_user(db, request.form.get("username", ""), password, "admin",
                                             language if language in LANGUAGES else "en", only_if_first=True)
             except accounts.AccountError as exc:
-                error = account_error_words(str(exc))
+                error = account_error_words(exc)
             else:
                 audit.record(db, user.username, "setup_admin")
                 start_session(user)
-                return redirect(url_for("worklist.index"))
+                return redirect(_home())
     return render_template("auth/setup.html", error=error, min_password=accounts.MIN_PASSWORD), 400 if error else 200
 
 
-def account_error_words(message: str) -> str:
-    """AccountError messages are English (CLI); show the translated equivalent on the web."""
-    if "already exists" in message:
+def account_error_words(exc: accounts.AccountError) -> str:
+    """An account refusal in the user's language (the exception's message is English, for the CLI)."""
+    if exc.code == "name_taken":
         return _("That user name is already taken.")
-    if "user names" in message:
+    if exc.code == "bad_name":
         return _("User names are 1-32 letters, digits, '.', '_' or '-'.")
-    if "passwords need" in message:
+    if exc.code == "short_password":
         return _("Passwords need at least %(n)d characters.", n=accounts.MIN_PASSWORD)
-    if "PIN is" in message:
+    if exc.code == "bad_pin":
         return _("A PIN is %(a)d to %(b)d digits.", a=accounts.PIN_LENGTH[0], b=accounts.PIN_LENGTH[1])
-    if "administrators sign in" in message:
+    if exc.code == "admin_pin":
         return _("Administrators sign in with their password only.")
+    if exc.code == "last_admin":
+        return _("The last active administrator cannot be disabled or demoted.")
     return _("The change was refused.")
 
 
@@ -177,11 +188,11 @@ def account() -> Any:
                     start_session(refreshed)
             else:
                 abort(400)
-        except accounts.LockedError as exc:
+        except LockedError as exc:
             flash(_locked_message(exc), "error")
             return redirect(url_for("auth.account"))
         except accounts.AccountError as exc:
-            flash(account_error_words(str(exc)), "error")
+            flash(account_error_words(exc), "error")
             return redirect(url_for("auth.account"))
         flash(_("Saved."), "ok")
         return redirect(url_for("auth.account"))

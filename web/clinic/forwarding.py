@@ -9,12 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from flask import current_app
-from flask_babel import format_decimal
 from flask_babel import gettext as _
 
 from appliance.forward import destination_status, study_forwarding, study_reports
-
-from .queries import local_time
+from web.core.formatting import human_bytes, local_time
 
 # The buttons offered per item state.  The backend would also cancel a ``delivered`` item or
 # retry a waiting one at once, but on the touchscreen those are more confusing than useful:
@@ -28,21 +26,6 @@ TRYING = ("queued", "sending", "delivered")
 def state_words(state: str) -> str:
     return {"queued": _("Queued"), "sending": _("Sending"), "delivered": _("Delivered, awaiting confirmation"),
             "confirmed": _("Sent and confirmed"), "failed": _("Failed"), "cancelled": _("Cancelled")}.get(state, state)
-
-
-def human_bytes(count: int) -> str:
-    """A byte count for people: 0 B, 812 kB, 7.2 MB, 1.4 GB (decimal units, as disks are sold),
-    with the user's decimal separator (French writes 7,2 Mo)."""
-    def figure(value: float) -> str:
-        return str(format_decimal(value, format="0" if value >= 100 else "0.#"))
-
-    if count >= 10**9:
-        return _("%(n)s GB", n=figure(count / 1e9))
-    if count >= 10**6:
-        return _("%(n)s MB", n=figure(count / 1e6))
-    if count >= 10**3:
-        return _("%(n)s kB", n=figure(count / 1e3))
-    return _("%(n)s B", n=count)
 
 
 def _when(iso: str) -> str:

@@ -13,7 +13,8 @@ from flask import Flask, g, request, session
 from flask_babel import Babel
 
 LANGUAGES = {"en": "English", "fr": "Français"}
-TRANSLATIONS_DIR = Path(__file__).resolve().parent / "translations"
+# One catalogue for every web app (web/translations; web/babel.cfg says what is extracted).
+TRANSLATIONS_DIR = Path(__file__).resolve().parents[1] / "translations"
 
 
 def select_locale() -> str:

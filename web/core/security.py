@@ -8,7 +8,9 @@ the row and a copy of the cookie replayed later finds nothing.  Ending *all* ses
 not, so a user's other terminals stay signed in.
 
 The gate is deny-by-default: a route is reachable without a login only if its endpoint is in
-``PUBLIC_ENDPOINTS``.  Adding a blueprint therefore cannot accidentally publish patient data.
+``PUBLIC_ENDPOINTS`` (the app's and the core's static files, ``/healthz``, sign-in and set-up),
+whichever app it serves.  Adding a blueprint, or an app, therefore cannot accidentally publish
+patient data.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from appliance.config import Config
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-PUBLIC_ENDPOINTS = {"static", "health.healthz", "auth.login", "auth.setup"}
+STATIC_ENDPOINTS = {"static", "core.static"}
+PUBLIC_ENDPOINTS = STATIC_ENDPOINTS | {"health.healthz", "auth.login", "auth.setup"}
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
@@ -78,7 +81,7 @@ def csrf_token() -> str:
 
 def passive(view: F) -> F:
     """Mark a polling endpoint: it does not count as activity for the idle timeout, so a
-    worklist left open on a shared screen still signs out."""
+    page left open on a shared screen still signs out."""
     setattr(view, "_passive", True)
     return view
 
@@ -211,7 +214,7 @@ def _headers(response: Any) -> Any:
     response.headers["Referrer-Policy"] = "no-referrer"
     response.headers["Cross-Origin-Opener-Policy"] = "same-origin"
     response.headers["Permissions-Policy"] = "camera=(), microphone=(), geolocation=()"
-    if request.endpoint != "static":
+    if request.endpoint not in STATIC_ENDPOINTS:
         # Pages and images carry patient data: never kept in a browser or proxy cache.
         response.headers["Cache-Control"] = "no-store"
         response.headers["Pragma"] = "no-cache"

@@ -7,12 +7,12 @@ else (modalities, AI results, outbox items) is fetched for the page's studies on
 from __future__ import annotations
 
 import json
-from datetime import date, datetime
 from typing import Any, Iterable
 
 from flask_babel import gettext as _
 
 from appliance import triage
+from web.core.formatting import age, local_time, patient_name
 
 PRIORITIES = ("urgent", "review", "routine", "not_analyzed")
 # The study states of README ("appliance studies --json"), in the order a case moves through them.
@@ -50,45 +50,6 @@ def priority_words(priority: str) -> str:
 def state_words(state: str) -> str:
     return {"received": _("Received"), "analyzed": _("Analysed"), "reviewed": _("Reviewed"),
             "sent": _("Sent"), "report_received": _("Report back")}.get(state, state)
-
-
-def age(birth_date: str, at: str = "") -> str:
-    """DICOM DA birth date -> "34 y" / "5 mo" / "12 d" at the study date (else today)."""
-    try:
-        born = datetime.strptime(birth_date, "%Y%m%d").date()
-    except ValueError:
-        return ""
-    try:
-        when = datetime.strptime(at, "%Y%m%d").date() if at else date.today()
-    except ValueError:
-        when = date.today()
-    days = (when - born).days
-    if days < 0:
-        return ""
-    years = when.year - born.year - ((when.month, when.day) < (born.month, born.day))
-    if years >= 2:
-        return _("%(n)d y", n=years)
-    months = (when.year - born.year) * 12 + when.month - born.month - (when.day < born.day)
-    if months >= 1:
-        return _("%(n)d mo", n=months)
-    return _("%(n)d d", n=days)
-
-
-def patient_name(dicom_name: str) -> str:
-    """DICOM PN ``FAMILY^GIVEN^MIDDLE`` -> ``FAMILY, GIVEN MIDDLE``."""
-    parts = [p for p in dicom_name.split("=")[0].split("^")]
-    family, rest = (parts[0], " ".join(p for p in parts[1:] if p)) if parts else ("", "")
-    return f"{family}, {rest}" if rest else family
-
-
-def local_time(iso: str) -> str:
-    try:
-        moment = datetime.fromisoformat(iso).astimezone()
-    except ValueError:
-        return iso
-    if moment.date() == date.today():
-        return moment.strftime("%H:%M")
-    return moment.strftime("%Y-%m-%d %H:%M")
 
 
 def ai_summary(rows: Iterable[dict[str, Any]], outstanding: int, failed_jobs: int) -> dict[str, str]:
