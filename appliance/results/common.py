@@ -3,8 +3,9 @@
 Both result objects are new instances in the *source's* study, so the patient and study
 attributes are copied from the source, never invented.  Type 2 attributes a modality left out
 are added empty (present but unknown) because highdicom reads them unconditionally and
-``dciodvfy`` wants them present; values the builders would refuse are made to conform in the
-copy (see ``conform.py``).
+``dciodvfy`` wants them present; values their VR does not allow are normalised or left out in
+the copy (the rules are in ``conform.py``), and :class:`SourceCopy` says which of the attributes
+each object really copies were changed, so the SR (and the SC's comments) can say so.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import copy
 import io
 import logging
 import socket
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -21,7 +23,7 @@ from pydicom.uid import generate_uid
 
 from .. import __version__
 from ..analyze.runner import AI_NOTICE, AnalysisResult
-from .conform import conform_values
+from .conform import Change, conform_dataset
 
 from ..store import AI_MANUFACTURER as MANUFACTURER  # one name for "made by this box"
 
@@ -40,6 +42,17 @@ PATIENT_STUDY_KEYWORDS = (
     "ReferringPhysicianName", "StudyID",
 )
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+# What else the builders read from the source: the references to it, and what describes it.
+REFERENCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID",
+                      "NumberOfFrames", "Modality", "Rows", "Columns")
+# The SC's own copies besides the patient and study (see build_heatmap_sc).
+SC_KEYWORDS = PATIENT_STUDY_KEYWORDS + REFERENCE_KEYWORDS + (
+    "PatientOrientation", "Laterality", "LossyImageCompression", "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod")
+# highdicom's SR copies the source's acquisition equipment as Contributing Equipment.
+EQUIPMENT_KEYWORDS = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber",
+                      "InstitutionName", "InstitutionalDepartmentName", "InstitutionAddress", "StationName",
+                      "AcquisitionDateTime", "AcquisitionDate", "AcquisitionTime")
 
 
 def lo(text: str) -> str:
@@ -60,13 +73,43 @@ def notices(result: AnalysisResult) -> list[str]:
     return texts
 
 
-def source_metadata(source: Dataset) -> Dataset:
-    """A pixel-free copy of the source's top-level attributes, with empty Type 2 study fields
-    and every value a builder checks made to conform.
+@dataclass
+class SourceCopy:
+    """The source's attributes as the builders get them, and what was changed on the way."""
+
+    meta: Dataset
+    changes: list[Change] = field(default_factory=list)
+
+    def notes(self, copied: Iterable[str]) -> list[str]:
+        """One sentence per attribute in ``copied`` that the object does not carry as sent."""
+        wanted = set(copied)
+        return list(dict.fromkeys(c.note() for c in self.changes if c.noted and c.keyword in wanted))
+
+
+def sr_keywords(meta: Dataset) -> set[str]:
+    """Every source attribute highdicom's SR copies: the root attributes of the Patient and Study
+    modules of the source's IOD (``copy_patient_and_study_information``), its equipment, and
+    what the content tree references."""
+    from highdicom._standard_utils import (get_iod_module_map, get_module_attribute_map,  # one source of truth
+                                           get_sop_class_iod_map)
+
+    keywords = set(PATIENT_STUDY_KEYWORDS + REFERENCE_KEYWORDS + EQUIPMENT_KEYWORDS)
+    iod = get_sop_class_iod_map().get(str(meta.SOPClassUID))
+    attributes = get_module_attribute_map()
+    for module in get_iod_module_map().get(iod, []) if iod else []:
+        if module["ie"] in ("Patient", "Study"):
+            keywords.update(str(a["keyword"]) for a in attributes[module["key"]] if not a["path"])
+    return keywords
+
+
+def source_copy(source: Dataset) -> SourceCopy:
+    """A pixel-free copy of the source's top-level attributes, every covered value valid for its
+    VR (or left out), and empty Type 2 study fields.
 
     The copy keeps highdicom from deep-copying megabytes of pixels (or 120 ultrasound frames)
     and lets us fill in missing Type 2 attributes and repair values without touching the
-    caller's dataset.
+    caller's dataset.  Raises ValueError when the source lacks (or has an unusable) SOP Class UID
+    or lacks another UID the objects are filed under.
     """
     missing = [kw for kw in _REQUIRED_UIDS if not source.get(kw)]
     if missing:
@@ -78,13 +121,19 @@ def source_metadata(source: Dataset) -> Dataset:
         if Tag(element.tag).group in (0x7FE0, 0xFFFA):  # pixel data and digital signatures
             continue
         meta[element.tag] = copy.deepcopy(element)  # never alias the caller's elements
-    changed = conform_values(meta)
-    if changed:  # keywords only: the values are patient data
-        log.info("source values made to conform for the AI objects: %s", ", ".join(sorted(set(changed))))
+    changes = conform_dataset(meta)
+    if changes:  # keywords only: the values are patient data
+        log.info("source values changed for the AI objects: %s",
+                 ", ".join(sorted({f"{c.keyword} ({c.action})" for c in changes})))
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword not in meta:
             setattr(meta, keyword, "")
-    return meta
+    return SourceCopy(meta, changes)
+
+
+def source_metadata(source: Dataset) -> Dataset:
+    """:func:`source_copy` without the record of changes."""
+    return source_copy(source).meta
 
 
 def frame_number(source: Dataset, result: AnalysisResult) -> Optional[int]:

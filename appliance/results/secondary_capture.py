@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from ..analyze.runner import AI_NOTICE, AnalysisResult, FindingResult
-from .common import (CHARACTER_SET, MANUFACTURER, MODEL_NAME, frame_number, lo, notices, software_versions,
-                     source_metadata)
+from .common import (CHARACTER_SET, MANUFACTURER, MODEL_NAME, SC_KEYWORDS, frame_number, lo, notices,
+                     software_versions, source_copy)
 
 BURNED_NOTICE = "AI ASSIST — NOT FOR DIAGNOSIS"
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -139,7 +139,8 @@ def build_heatmap_sc(source: Dataset, result: AnalysisResult, *, sop_instance_ui
     heatmap = np.asarray(result.heatmap)
     if heatmap.ndim != 3 or heatmap.shape[2] != 3 or heatmap.dtype != np.uint8:
         raise ValueError(f"heatmap must be H×W×3 uint8 RGB, got {heatmap.shape} {heatmap.dtype}")
-    meta = source_metadata(source)
+    copied = source_copy(source)
+    meta = copied.meta
     orientation = _orientation(meta)
     finding = shown_finding(result)
     ds = hd.sc.SCImage(
@@ -177,7 +178,9 @@ def build_heatmap_sc(source: Dataset, result: AnalysisResult, *, sop_instance_ui
     ds.Laterality = laterality if laterality in ("R", "L") else ""
     ds.ConversionType = "WSD"  # workstation: a rendered derivative, not a digitised film
     ds.BurnedInAnnotation = "YES"
-    ds.ImageComments = " ".join(notices(result))
+    # Image Comments is what a viewer shows of an SC: the notice, then what of the source's
+    # values this image does not carry as sent (the SR says the same).
+    ds.ImageComments = " ".join(notices(result) + [f"{note}." for note in copied.notes(SC_KEYWORDS)])
     what = "heatmap"
     if finding is not None:
         state = "positive" if finding.positive else "negative"

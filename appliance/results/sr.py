@@ -20,6 +20,8 @@ Content tree (``>`` = nesting; relationship types as TID 1500/1501 use them)::
        CODE (ABSTAINED, 99EDGEAI) = (<abstention code>, 99EDGEAI) plus a TEXT with the reason
   > CONTAINS CONTAINER (C0034375, UMLS, "Qualitative Evaluations")
     >> TEXT (121106, DCM, "Comment") = "AI assist — not a diagnosis"
+    >> TEXT (SRCNOTCOPIED, 99EDGEAI) = "Patient's Age left out: ..."   one per source attribute
+       this document does not carry as the source sent it (see results/conform.py)
 
 Findings have no standard codes (the models define them), so they use the local coding scheme
 ``99EDGEAI``, declared in the Coding Scheme Identification Sequence.  The document is written
@@ -36,13 +38,14 @@ from pydicom.sr.codedict import codes
 
 from ..analyze.runner import AI_NOTICE, AnalysisResult, FindingResult
 from .common import (CHARACTER_SET, MANUFACTURER, MODEL_NAME, derived_uid, device_uid, frame_number,
-                     lo, notices, software_versions, source_metadata)
+                     lo, notices, software_versions, source_copy, sr_keywords)
 
 LOCAL_SCHEME = "99EDGEAI"
 PROBABILITY_UNIT = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 ABSTAINED = hd.sr.CodedConcept("ABSTAINED", LOCAL_SCHEME, "AI analysis abstained")
 ABSTENTION_REASON = hd.sr.CodedConcept("ABSTAINREASON", LOCAL_SCHEME, "Abstention reason")
+SOURCE_VALUE_NOTE = hd.sr.CodedConcept("SRCNOTCOPIED", LOCAL_SCHEME, "Source value not copied as sent")
 RELATION = hd.sr.RelationshipTypeValues
 
 
@@ -171,11 +174,14 @@ def _modality_codes() -> dict[str, hd.sr.CodedConcept]:
     return _MODALITIES
 
 
-def _notice_container(result: AnalysisResult) -> hd.sr.ContainerContentItem:
+def _notice_container(result: AnalysisResult, source_notes: list[str]) -> hd.sr.ContainerContentItem:
     container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=RELATION.CONTAINS)
-    container.ContentSequence = hd.sr.ContentSequence([
-        hd.sr.TextContentItem(name=codes.DCM.Comment, value=text, relationship_type=RELATION.CONTAINS)
-        for text in notices(result)])
+    container.ContentSequence = hd.sr.ContentSequence(
+        [hd.sr.TextContentItem(name=codes.DCM.Comment, value=text, relationship_type=RELATION.CONTAINS)
+         for text in notices(result)]
+        # What a reader would otherwise take for the source's own value, or miss without knowing.
+        + [hd.sr.TextContentItem(name=SOURCE_VALUE_NOTE, value=text, relationship_type=RELATION.CONTAINS)
+           for text in source_notes])
     return container
 
 
@@ -186,7 +192,8 @@ def build_ai_sr(source: Dataset, result: AnalysisResult, *, sop_instance_uid: st
     The UIDs come from the caller, who derives them deterministically, so rebuilding after a
     crash replaces the earlier object instead of adding a duplicate to the study.
     """
-    meta = source_metadata(source)
+    copied = source_copy(source)
+    meta = copied.meta
     device = device_uid()
     if result.abstention is not None or not result.findings:
         groups = [_abstention_group(meta, result, sop_instance_uid)]
@@ -202,7 +209,7 @@ def build_ai_sr(source: Dataset, result: AnalysisResult, *, sop_instance_uid: st
     # TID 1500 order: the image library precedes "Imaging Measurements"; the root-level
     # qualitative evaluations (our notice) follow it.
     root.ContentSequence.insert(len(root.ContentSequence) - 1, _image_library(meta))
-    root.ContentSequence.append(_notice_container(result))
+    root.ContentSequence.append(_notice_container(result, copied.notes(sr_keywords(meta))))
     return hd.sr.ComprehensiveSR(
         evidence=[meta],
         content=report,
