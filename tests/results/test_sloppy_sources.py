@@ -89,7 +89,9 @@ NOTE_NAMES = {"PatientAge": "Patient's Age", "StudyDate": "Study Date", "StudyTi
               "PatientBirthDate": "Patient's Birth Date", "ReferringPhysicianName": "Referring Physician's Name",
               "PatientSex": "Patient's Sex",
               "InstitutionName": "Institution Name", "StudyID": "Study ID",
-              "StationName": "Station Name", "OtherPatientNames": "Other Patient Names"}
+              "StationName": "Station Name", "OtherPatientNames": "Other Patient Names",
+              "ReferencedStudySequence": "Referenced Study Sequence",
+              "ReferencedPatientSequence": "Referenced Patient Sequence"}
 SOURCES = {"chest-cr": ("RG1_UNCR.dcm", None), "us": ("US1_J2KR.dcm", None),
            "us-clip": ("color3d_jpeg_baseline.dcm", US_FRAME)}
 
@@ -211,8 +213,7 @@ def test_sloppy_source_gives_valid_sr_and_sc(profile: str, source: str, template
             assert mentioned[0] in sc.ImageComments, keyword  # the SC says it too
     if reference is not None:  # a reference to an invalid UID references nothing: it goes
         assert not sr.get(reference[0]), reference
-        assert f"{reference[0].replace('Sequence', ' Sequence').replace('Referenced', 'Referenced ')} left out: " \
-            "an item of it references an invalid UID" in notes
+        assert f"{NOTE_NAMES[reference[0]]} left out: an item of it references an invalid UID" in notes
     # The objects stay in the source's study and point at the source image.
     assert sr.StudyInstanceUID == sc.StudyInstanceUID == header.StudyInstanceUID
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
