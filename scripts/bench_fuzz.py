@@ -60,13 +60,21 @@ def start_box(workdir: Path, analysis: bool) -> ServerProcess:
     return ServerProcess(workdir / "data", extra_env=env).start()
 
 
-def analysis_backlog(data_dir: Path) -> int:
+def _count(data_dir: Path, query: str) -> int:
     con = sqlite3.connect(f"file:{data_dir / 'appliance.db'}?mode=ro", uri=True, timeout=10)
     try:
-        (count,) = con.execute("SELECT COUNT(*) FROM analysis_jobs WHERE state IN ('pending', 'running')").fetchone()
+        (count,) = con.execute(query).fetchone()
     finally:
         con.close()
     return count
+
+
+def indexed_instances(data_dir: Path) -> int:
+    return _count(data_dir, "SELECT COUNT(*) FROM instances")
+
+
+def analysis_backlog(data_dir: Path) -> int:
+    return _count(data_dir, "SELECT COUNT(*) FROM analysis_jobs WHERE state IN ('pending', 'running')")
 
 
 def wait_for_analysis(server: ServerProcess, limit_s: float) -> None:
@@ -104,6 +112,9 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         print(f"run: {elapsed:.0f} s, echo after each chunk: {', '.join(f'{s:.2f}' for s in report.echo_seconds)} s")
         problems, stored = check_stored_files(server.data_dir, report.accepted)
         print(f"stored: {dict(stored)}")
+        indexed = indexed_instances(server.data_dir)
+        if indexed != stored["files"]:
+            problems.append(f"{stored['files']} files stored, {indexed} instances in the index")
         findings += [str(f) for f in report.findings] + problems
         findings += [f"traceback {count}x: {line}" for line, count in
                      log_exceptions(server.log_path.read_text(errors="replace")).items()]

@@ -149,7 +149,9 @@ class PduMutator:
             j = self.rng.choice(data)
             pdus.insert(j, Pdu(0x04, [Pdv(p.context_id, p.control, p.data) for p in pdus[j].pdvs]))
         elif kind == "command twice":
-            pdus.insert(self.rng.randrange(1, len(pdus) + 1), Pdu(0x04, [Pdv(1, 0x03, pdus[0].pdvs[0].data)]))
+            commands = [p.pdvs[0].data for p in pdus if p.pdvs and p.pdvs[0].control & 0x01]
+            again = commands[0] if commands else command_set(0x0001, 1, self.source.sop_class, "1.2.3")
+            pdus.insert(self.rng.randrange(1, len(pdus) + 1), Pdu(0x04, [Pdv(1, 0x03, again)]))
         else:
             echo = command_set(0x0030, 2, VERIFICATION, has_data=False)
             pdus.insert(self.rng.randrange(1, len(pdus) + 1), Pdu(0x04, [Pdv(3, 0x03, echo)]))
@@ -323,14 +325,15 @@ class AssociateMutator:
 
     def many(self) -> None:
         kind = self.rng.choice(["contexts", "syntaxes"])
-        if kind == "contexts":
+        pc = next((i for i in self.items if i.item_type == 0x20), None)
+        if kind == "contexts" or pc is None:
+            kind = "contexts"
             count = self.rng.choice([127, 128, 129, 255, 400])
             syntaxes = [Item(0x30, b"1.2.840.10008.5.1.4.1.1.2"), Item(0x40, b"1.2.840.10008.1.2")]
             pcs = [Item(0x20, bytes([(2 * n + 1) & 0xFF, 0, 0, 0]), copy.deepcopy(syntaxes)) for n in range(count)]
             self.items = [self.items[0]] + pcs + self.items[1:]
         else:
             count = self.rng.choice([100, 1000, 5000])
-            pc = next(i for i in self.items if i.item_type == 0x20)
             pc.subs += [Item(0x40, f"1.2.3.{n}".encode()) for n in range(count)]
         self.ops.append(f"{count} {kind}")
 
@@ -348,11 +351,11 @@ class AssociateMutator:
         kind = self.rng.choice(["max length", "max length field", "implementation", "identity", "async", "role",
                                 "extended"])
         if kind == "max length":
-            user.subs[0].head = struct.pack(">I", self.rng.choice([0, 1, 6, 0xFFFFFFFF]))
+            _sub(user, 0x51).head = struct.pack(">I", self.rng.choice([0, 1, 6, 0xFFFFFFFF]))
         elif kind == "max length field":
-            user.subs[0].head = self.rng.choice([b"", b"\0\1", b"\0" * 8])
+            _sub(user, 0x51).head = self.rng.choice([b"", b"\0\1", b"\0" * 8])
         elif kind == "implementation":
-            user.subs[1].head = self.rng.choice([b"", b"1" * 65, b"9" * 5000])
+            _sub(user, 0x52).head = self.rng.choice([b"", b"1" * 65, b"9" * 5000])
         elif kind == "identity":
             identity_type, length = self.rng.choice([1, 2, 5, 0xFF]), self.rng.choice([0, 4, 0xFFFF])
             user.subs.append(Item(0x58, bytes([identity_type, 1]) + struct.pack(">H", length) + b"user"))
@@ -368,14 +371,14 @@ class AssociateMutator:
     def bitflip(self) -> None:
         raw = bytearray(self.encode())
         for _ in range(self.rng.randint(1, 8)):
-            pos = self.rng.randrange(6, len(raw))
+            pos = self.rng.randrange(6, len(raw)) if len(raw) > 6 else self.rng.randrange(len(raw))
             raw[pos] ^= 1 << self.rng.randrange(8)
             self.ops.append(f"flip at {pos}")
         self.raw = bytes(raw)
 
     def truncate(self) -> None:
         raw = self.encode()
-        pos = self.rng.randrange(1, len(raw))
+        pos = self.rng.randrange(1, len(raw)) if len(raw) > 1 else 0
         self.raw = raw[:pos]
         self.ops.append(f"cut at {pos} of {len(raw)}")
 
@@ -412,6 +415,15 @@ class AssociateMutator:
                 continue  # the structure is gone: item-level operations no longer apply
             getattr(self, op)()
         return self.encode()
+
+
+def _sub(item: Item, sub_type: int) -> Item:
+    """``item``'s first sub-item of ``sub_type``, added if an earlier mutation dropped it."""
+    found = next((s for s in item.subs if s.item_type == sub_type), None)
+    if found is None:
+        found = Item(sub_type)
+        item.subs.append(found)
+    return found
 
 
 def calling_title_allowed(opening: bytes) -> bool:

@@ -5,6 +5,7 @@ import hashlib
 import io
 import logging
 import re
+import struct
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,14 @@ from pathlib import Path
 import pydicom
 from pydicom.encaps import generate_fragments
 
-from tests.acquire.test_scp_bad_input import split_part10
+
+def _dataset_bytes(raw: bytes) -> bytes:
+    """What follows the file meta group, found by its group length (pydicom's meta reader would
+    also swallow a stray delimiter that begins the dataset, as sent)."""
+    group, element, vr, _length, group_length = struct.unpack_from("<HH2sHI", raw, 132)
+    if raw[128:132] != b"DICM" or (group, element, vr) != (2, 0, b"UL"):
+        raise ValueError("no file meta group length")
+    return raw[144 + group_length:]
 
 
 def _read_completely(path: Path) -> pydicom.Dataset:
@@ -91,7 +99,7 @@ def _check_files(data_dir: Path, accepted: dict[str, str], problems: list[str], 
             if "Rows" in ds and "PixelData" not in ds:
                 counts["images without pixel data"] += 1
             ids = [str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), f"{ds.SOPInstanceUID}.dcm"]
-            _meta, body = split_part10(path)
+            body = _dataset_bytes(path.read_bytes())
         except Exception as exc:  # noqa: BLE001 - any failure to read is what this looks for
             problems.append(f"{where}: does not read: {type(exc).__name__}: {str(exc)[:160]}")
             continue
