@@ -41,6 +41,7 @@ from pydicom.pixels import pixel_array as pydicom_pixel_array
 from pydicom.uid import UID
 
 from ..errors import DecodeError
+from .codestream import HEAD_BYTES, check_frame_header
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,19 @@ def _encapsulated_frames(ds: Dataset, syntax: str) -> Optional[int]:
         return len(fragments)  # one fragment per frame (PS3.5 A.4.2)
     starts = sum(1 for f in fragments if f.startswith(JPEG_SOI) or f.startswith(J2K_STARTS))
     return starts or None
+
+
+def _check_frame_headers(ds: Dataset) -> None:
+    """Every compressed frame must describe the image the DICOM header does (see codestream)."""
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if "PixelData" not in ds or not syntax or not UID(syntax).is_compressed:
+        return
+    try:
+        for fragment in generate_fragments(io.BytesIO(ds.PixelData)):
+            if fragment.startswith(JPEG_SOI) or fragment.startswith(J2K_STARTS):
+                check_frame_header(ds, syntax, fragment[:HEAD_BYTES])
+    except (ValueError, EOFError, struct.error) as exc:
+        raise DecodeError(f"encapsulated pixel data is malformed: {exc}") from exc
 
 
 def frame_count(ds: Dataset) -> int:
@@ -265,6 +279,7 @@ def decode_dataset(ds: Dataset, frame: Optional[int] = None) -> DecodedImage:
         raise DecodeError("the dataset has no pixel data")
     frames = frame_count(ds)
     index = _select_frame(frames, frame)
+    _check_frame_headers(ds)
     try:
         # index= decodes a single frame, so a 120-frame clip costs one frame of work.
         arr = pydicom_pixel_array(ds, index=index if frames > 1 else None)

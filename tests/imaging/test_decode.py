@@ -221,3 +221,50 @@ def test_empty_number_of_frames_on_a_single_frame_image_reads_one_frame(name: st
     reference = decode_file(sample(name))
     assert (image.frames, image.frame_index) == (1, 0)
     np.testing.assert_array_equal(image.pixels, reference.pixels)
+
+
+def _with_patched_frame(name: str, marker: bytes, offset: int, value: bytes):
+    """A copy of sample ``name`` whose first codestream has ``value`` written ``offset`` bytes
+    after ``marker`` (the stored sample is untouched)."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_fragments
+
+    from tests.helpers import sample
+
+    ds = pydicom.dcmread(sample(name))
+    # pydicom yields the Basic Offset Table item first (empty here): the frames follow.
+    fragments = [bytearray(f) for f in generate_fragments(ds.PixelData)][1:]
+    at = bytes(fragments[0]).find(marker)
+    assert at >= 0, f"{marker.hex()} not found in {name}"
+    fragments[0][at + offset:at + offset + len(value)] = value
+    ds.PixelData = encapsulate([bytes(f) for f in fragments])
+    return ds
+
+
+def test_a_jpeg2000_frame_claiming_a_larger_image_is_refused_before_decoding():
+    import struct
+
+    from appliance.errors import DecodeError
+    from appliance.imaging.decode import decode_dataset
+
+    # Xsiz (4 bytes after Lsiz and Rsiz) 1,955 -> 2,098,912: the decoder would allocate GBs.
+    ds = _with_patched_frame("RG1_J2KR.dcm", b"\xff\x4f\xff\x51", 8, struct.pack(">I", 2_098_912))
+    with pytest.raises(DecodeError, match="2098912x"):
+        decode_dataset(ds)
+
+
+def test_a_jpeg_frame_claiming_another_size_is_refused_and_intact_frames_decode():
+    import struct
+
+    from appliance.errors import DecodeError
+    from appliance.imaging.decode import decode_dataset
+
+    from tests.helpers import sample
+
+    import pydicom
+
+    assert decode_dataset(pydicom.dcmread(sample("SC_rgb_jpeg_dcmtk.dcm"))).rows > 0
+    # SOF0: marker, length (2), precision (1), rows (2), columns (2): columns -> 60,000.
+    ds = _with_patched_frame("SC_rgb_jpeg_dcmtk.dcm", b"\xff\xc0", 7, struct.pack(">H", 60_000))
+    with pytest.raises(DecodeError, match="60000x"):
+        decode_dataset(ds)
