@@ -70,7 +70,7 @@ _NUMBER_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "SV": 8, 
 _KNOWN_VRS = frozenset(vr.value for vr in VR)
 
 
-def _check_elements(ds: Dataset) -> None:
+def _check_elements(ds: Dataset, code_extensions: bool = False) -> None:
     """Every element of ``ds``, nested ones included, can be read as pydicom reads it later.
 
     Touching every element (``iterall``) converts every value, about half the cost of a parse.
@@ -79,20 +79,32 @@ def _check_elements(ds: Dataset) -> None:
     wrong length fails); sequences, and elements whose VR comes from the dictionary (implicit VR,
     UN), are converted as before.
     """
+    # Code extensions (ISO 2022 escape sequences) are decoded by code that can fail on garbled
+    # text (pydicom raises IndexError on some): there every element is converted, which such a
+    # dataset, rare and never a hot path, can afford.
+    convert_all = code_extensions or _uses_code_extensions(ds)
     for tag in list(ds.keys()):
         raw = ds.get_item(tag)
         vr = raw.VR
-        if isinstance(raw, DataElement) or vr in (None, "UN", "SQ"):
+        if convert_all or isinstance(raw, DataElement) or vr in (None, "UN", "SQ"):
             elem = ds[tag]
             if elem.VR == "SQ":
                 for item in elem.value:
-                    _check_elements(item)
+                    _check_elements(item, convert_all)
             continue
         if vr not in _KNOWN_VRS:
             raise InvalidDatasetError(f"cannot parse dataset: element {tag} has an unknown VR {vr!r}")
         size = _NUMBER_SIZES.get(vr)
         if size and raw.value is not None and len(raw.value) % size:
             raise InvalidDatasetError(f"cannot parse dataset: element {tag} ({vr}) is {len(raw.value)} bytes long")
+
+
+def _uses_code_extensions(ds: Dataset) -> bool:
+    raw = ds.get_item("SpecificCharacterSet") if "SpecificCharacterSet" in ds else None
+    value = getattr(raw, "value", None)
+    if isinstance(value, (bytes, bytearray)):
+        return b"2022" in value
+    return "2022" in str(value or "")
 
 
 def _check_pixel_data(ds: Dataset) -> None:

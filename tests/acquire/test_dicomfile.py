@@ -117,3 +117,34 @@ def test_malformed_encapsulated_pixel_data_is_refused():
                        (bot + fragment + b"\xfe\xff\x00", "item header truncated")]:
         with pytest.raises(InvalidDatasetError, match=why):
             parse_part10(_with_pixel_data(value))
+
+
+def test_garbled_text_under_iso_2022_code_extensions_is_refused_before_anything_is_stored(tmp_path):
+    """pydicom's ISO 2022 decoder raises IndexError on some garbled names (fuzz case D7081):
+    found when the store indexed the file, it left the file without a row. It is found at
+    parse time now, so the C-STORE gets 0xC000 and nothing reaches the instance store."""
+    import io
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from appliance.db import open_database
+    from appliance.dicomfile import parse_part10
+    from appliance.errors import InvalidDatasetError
+    from appliance.store import InstanceStore
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SpecificCharacterSet = "ISO 2022 IR 87"
+    ds.PatientName = "X"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    data = buffer.getvalue()
+    at = data.find(b"\x10\x00\x10\x00PN\x02\x00X ")
+    assert at > 0
+    data = data[:at] + b"\x10\x00\x10\x00PN\x06\x00OB^^^^" + data[at + 10:]
+    with pytest.raises(InvalidDatasetError, match="IndexError"):
+        parse_part10(data)
+    store = InstanceStore(tmp_path / "data", open_database(tmp_path / "data"), 0)
+    with pytest.raises(InvalidDatasetError):
+        store.store(data)
+    assert not list((tmp_path / "data" / "instances").rglob("*.dcm"))
