@@ -331,7 +331,7 @@ def _m006_web_sessions(db: sqlite_utils.Database) -> None:
         )"""
     )
     db.execute("CREATE INDEX idx_web_sessions_user ON web_sessions(user_id)")
-    # Sign-in throttling (appliance.accounts): failure counters keyed by client address, user
+    # Sign-in throttling (appliance.login_throttle): failure counters keyed by client address, user
     # name (known or not, so they behave alike), client and user name, PIN user name; and the
     # per-client attempt rate.  Epoch seconds.
     db.execute(
