@@ -71,7 +71,7 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -102,7 +102,7 @@ def _sync_directories(data_dir: Path, directories: set[Path]) -> None:
         finally:
             os.close(fd)
     for directory in directories:
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 def _makedirs(path: Path, to_sync: set[Path]) -> None:

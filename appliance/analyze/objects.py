@@ -38,7 +38,7 @@ from ..db import Database
 from ..errors import InferenceError, StoreError
 from ..results import build_ai_sr, build_heatmap_sc, write_part10
 from ..results.common import derived_uid
-from ..store import InstanceStore, utc_now
+from ..store import InstanceStore, fsync_dir, utc_now
 from .runner import failure_reason, get_runner, interrupted_reason
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,6 @@ def read_instance(path: Path) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def supersede_ai_instance(tx: Any, store: InstanceStore, sop: str, now: str) -> Optional[tuple[Path, str]]:
     """Inside ``tx``: retire the box's AI object ``sop`` (its result was superseded).
 
@@ -102,7 +94,7 @@ def supersede_ai_instance(tx: Any, store: InstanceStore, sop: str, now: str) -> 
     except FileNotFoundError:  # the file was lost: retire the row, record where it was
         keep = Path(path)
     else:
-        _fsync_dir(keep.parent)
+        fsync_dir(keep.parent)
     tx.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop,))
     tx.execute("DELETE FROM series WHERE series_uid = ? AND NOT EXISTS "
                "(SELECT 1 FROM instances WHERE series_uid = ?)", (series, series))

@@ -67,7 +67,7 @@ def test_a_rejected_dataset_leaves_no_staged_file(box):
 def test_without_syncfs_each_directory_is_fsynced(box, monkeypatch):
     synced = []
     monkeypatch.setattr(store_module, "_SYNCFS", None)
-    monkeypatch.setattr(store_module, "_fsync_dir", lambda path: synced.append(path))
+    monkeypatch.setattr(store_module, "fsync_dir", lambda path: synced.append(path))
     outcome = box.store(sample("CT_small.dcm").read_bytes())
     # A new study: the instances directory, the study directory and the series directory.
     assert set(synced) == {box.instances_dir, outcome.path.parent.parent, outcome.path.parent}
