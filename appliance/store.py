@@ -222,6 +222,37 @@ class InstanceStore:
             self._written_since += incoming_bytes
 
     # -- storing -------------------------------------------------------------------------
+    def retire_instance(self, tx: Any, sop: str, now: str, source: str) -> Optional[tuple[Path, str]]:
+        """Inside ``tx``: retire the current instance ``sop`` of ``source`` (the box's own AI
+        object whose result was superseded).  Its file is hard-linked under ``superseded/``
+        (durably, before the row goes) and its row moves to ``superseded_instances``.  Returns
+        (current path, sha256) for the caller to remove after the commit; None if ``sop`` is not a
+        current instance of ``source``."""
+        row = tx.execute("SELECT study_uid, series_uid, file_path, size, sha256, received_at FROM instances "
+                         "WHERE sop_instance_uid = ? AND source = ?", (sop, source)).fetchone()
+        if row is None:
+            return None
+        study, series, path, size, sha, received_at = row
+        keep = self.superseded_dir / study / series / f"{sop}.{sha[:16]}.dcm"
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, keep)
+        except FileExistsError:  # an earlier, interrupted attempt linked the same bytes
+            pass
+        except FileNotFoundError:  # the file was lost: retire the row, record where it was
+            keep = Path(path)
+        else:
+            fsync_dir(keep.parent)
+        tx.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop,))
+        tx.execute("DELETE FROM series WHERE series_uid = ? AND NOT EXISTS "
+                   "(SELECT 1 FROM instances WHERE series_uid = ?)", (series, series))
+        if tx.execute("SELECT 1 FROM superseded_instances WHERE sop_instance_uid = ? AND sha256 = ?",
+                      (sop, sha)).fetchone() is None:
+            tx.execute("INSERT INTO superseded_instances (sop_instance_uid, file_path, size, sha256, received_at, "
+                       "superseded_at, superseded_by_sha256) VALUES (?, ?, ?, ?, ?, ?, '')",
+                       (sop, str(keep), size, sha, received_at, now))
+        return Path(path), sha
+
     def final_path(self, ids: dict[str, str]) -> Path:
         return self.instances_dir / ids["StudyInstanceUID"] / ids["SeriesInstanceUID"] / f"{ids['SOPInstanceUID']}.dcm"
 

@@ -21,6 +21,7 @@ of bookkeeping in one thread of the main process until its whole A-ASSOCIATE-RQ 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import selectors
@@ -35,6 +36,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.transport import AddressInformation
 
 from .limits import ASSOCIATION_PDU_MAX, Limits, RefusalLog, peer_text
+from .waker import Waker
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +102,8 @@ class AssociationGate:
         self._refusals = refusals or RefusalLog(log)
         self._selector = selectors.DefaultSelector()
         self._incoming: queue.SimpleQueue[tuple[socket.socket, Any]] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._waker = Waker()
+        self._selector.register(self._waker.reader, selectors.EVENT_READ, None)
         # Accept order is deadline order: the first entry is always the next to expire.
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._by_host: dict[str, OrderedDict[int, _Pending]] = {}
@@ -117,22 +117,16 @@ class AssociationGate:
     def add(self, conn: socket.socket, address: Any) -> None:
         """A connection just accepted (by the listening thread)."""
         self._incoming.put((conn, address))
-        self._wake()
+        self._waker.wake()
 
     def waiting(self) -> int:
         return len(self._pending)
 
     def stop(self) -> None:
         self._stopping.set()
-        self._wake()
+        self._waker.wake()
         if self._thread.is_alive():
             self._thread.join(5)
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:  # buffer full (already awake) or closed
-            pass
 
     # -- the gate's thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -141,7 +135,7 @@ class AssociationGate:
                 self._take_incoming()
                 for key, _events in self._selector.select(self._select_timeout()):
                     if key.data is None:
-                        self._drain_wake()
+                        self._waker.drain()
                     elif key.data.conn.fileno() == key.fd:
                         self._readable(key.data)
                 self._expire()
@@ -153,13 +147,6 @@ class AssociationGate:
             return _MAX_SELECT_S
         first = next(iter(self._pending.values()))
         return min(_MAX_SELECT_S, max(0.0, first.deadline - time.monotonic()))
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except OSError:  # nothing left (non-blocking)
-            pass
 
     def _take_incoming(self) -> None:
         while True:
@@ -252,10 +239,8 @@ class AssociationGate:
         self._refusals.refused(entry.host, kind, "DICOM connection from %s refused: " + reason,
                                _where(entry.address), *args)
         if abort:
-            try:
+            with contextlib.suppress(OSError):  # the peer's window is full or it is gone: closing is enough
                 entry.conn.send(A_ABORT_PDU)
-            except OSError:  # the peer's window is full or it is gone: closing is enough
-                pass
         self._forget(entry)
 
     def _forget(self, entry: _Pending, close: bool = True) -> None:
@@ -266,10 +251,8 @@ class AssociationGate:
             peers.pop(fd, None)
             if not peers:
                 del self._by_host[entry.host]
-        try:
+        with contextlib.suppress(KeyError, ValueError):  # never registered, or its socket is closed
             self._selector.unregister(entry.conn)
-        except (KeyError, ValueError):
-            pass
         if close:
             _close(entry.conn)
 
@@ -277,8 +260,7 @@ class AssociationGate:
         for entry in list(self._pending.values()):
             self._forget(entry)
         self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._waker.close()
 
 
 def _seconds(value: float) -> str:
@@ -286,10 +268,8 @@ def _seconds(value: float) -> str:
 
 
 def _close(conn: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):  # already closed: nothing more to release
         conn.close()
-    except OSError:
-        pass
 
 
 def _answer_and_close(conn: socket.socket, request_length: int, answer: bytes) -> None:
@@ -305,6 +285,6 @@ def _answer_and_close(conn: socket.socket, request_length: int, answer: bytes) -
             remaining -= len(chunk)
         conn.sendall(answer)
         conn.shutdown(socket.SHUT_WR)
-    except OSError:
+    except OSError:  # the peer is gone or too slow to read its answer: closing is all that is left
         pass
     _close(conn)

@@ -44,6 +44,7 @@ only later by at most the cap in those rare cases.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -62,6 +63,7 @@ from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.transport import AssociationSocket
 
 from .limits import COMMAND_SET_MAX, Limits, RefusalLog, peer_text
+from .waker import Waker
 
 MAX_WAIT_S = 0.05
 _REACTOR_SLEEP_S = 0.001  # the association reactor's own poll interval (association.py)
@@ -199,11 +201,9 @@ def _receive_pdu(raw: Any, limits: Limits, deadline: float) -> bytearray | None:
 
 def _blocking(raw: Any) -> None:
     """Back to pynetdicom's blocking socket (its sends have no deadline of their own)."""
-    try:
-        if raw is not None:
+    if raw is not None:
+        with contextlib.suppress(OSError):  # the socket is closed: pynetdicom finds out on its next use
             raw.settimeout(None)
-    except OSError:
-        pass
 
 
 def _count_message_bytes(dul: Any, pdu: Any, limits: Limits) -> None:
@@ -269,36 +269,14 @@ def _run_reactor(self: Any) -> None:
         assoc._kill = True  # what pynetdicom's own handler of a reactor error does
 
 
-class _Waker:
-    """A socket pair: writing to one end makes the other readable, for select()."""
-
-    def __init__(self) -> None:
-        self.reader, self.writer = socket.socketpair()
-        self.reader.setblocking(False)
-        self.writer.setblocking(False)
-
-    def wake(self) -> None:
-        try:
-            self.writer.send(b"\0")
-        except OSError:  # buffer full (already awake) or closed
-            pass
-
-    def drain(self) -> None:
-        try:
-            while self.reader.recv(4096):
-                pass
-        except OSError:  # nothing left to read (non-blocking), or closed
-            pass
-
-
 _create_lock = threading.Lock()
 
 
-def _waker(dul: Any) -> _Waker:
+def _waker(dul: Any) -> Waker:
     waker = dul.__dict__.get("_edge_waker")
     if waker is None:
         with _create_lock:
-            waker = dul.__dict__.setdefault("_edge_waker", _Waker())
+            waker = dul.__dict__.setdefault("_edge_waker", Waker())
     return waker
 
 

@@ -7,6 +7,7 @@ patient names.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
@@ -335,7 +336,7 @@ class _TrackedRequestHandler(RequestHandler):
     ``ended(host)``) when the association's thread starts and when it has ended."""
 
     def handle(self) -> None:
-        tracker = getattr(self.server, "tracker", None) or _NO_TRACKER
+        tracker = self.server.tracker  # type: ignore[attr-defined]
         assoc = self._create_association()
         # Trigger must be after binding the events (as pynetdicom's own handle does).
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
@@ -362,21 +363,8 @@ class _TrackedRequestHandler(RequestHandler):
         except Exception as exc:  # noqa: BLE001 - no thread (RuntimeError): the count is undone here
             tracker.ended(host)
             log.error("DICOM association from %s could not be started: %s: %s", host, type(exc).__name__, exc)
-            try:
+            with contextlib.suppress(OSError):  # already closed: nothing more to release
                 self.request.close()
-            except OSError:
-                pass
-
-
-class _NoTracker:
-    def started(self, host: str) -> None:
-        pass
-
-    def ended(self, host: str) -> None:
-        pass
-
-
-_NO_TRACKER = _NoTracker()
 
 
 class ReceivingServer(ThreadedAssociationServer):
@@ -398,7 +386,7 @@ class ReceivingServer(ThreadedAssociationServer):
     # second or more later) as soon as a burst of connections arrives at once.
     request_queue_size = 256
     dispatch: Callable[[socket.socket, Any], bool] | None = None
-    tracker: IngestActivity | None = None
+    tracker: IngestActivity  # set by make_server
     gate: AssociationGate | None = None
 
     def get_request(self) -> Any:
@@ -416,7 +404,7 @@ class ReceivingServer(ThreadedAssociationServer):
         if self.dispatch is not None:
             if self.dispatch(conn, address):
                 return
-        elif self.tracker is not None:
+        else:  # this process serves every association itself: apply the limits here
             limits = self.ae.edge_limits  # type: ignore[attr-defined]
             refusal = admission_refusal(limits, self.tracker.open_count(), self.tracker.open_count(peer_host(address)))
             if refusal is not None:
@@ -458,7 +446,7 @@ class HandedOverServer(ThreadedAssociationServer):
 def make_server(config: Config, store: InstanceStore, server_class: type[ThreadedAssociationServer],
                 on_stored: Callable[[Any], None] | None = None,
                 report_hook: Callable[[str, bytes, Dataset], Any] | None = None,
-                tracker: Any = None) -> ThreadedAssociationServer:
+                *, tracker: Any) -> ThreadedAssociationServer:
     """The AE's association server with our handlers bound (not yet serving).
 
     ``tracker`` (``started(host)``, ``ended(host)``) is told of every association's thread.
@@ -487,7 +475,7 @@ def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], N
     ``dispatch`` hands connections to other receiving processes (:mod:`.receivers`).
     """
     server = cast(ReceivingServer, make_server(config, store, ReceivingServer, on_stored, report_hook,
-                                               activity or IngestActivity()))
+                                               tracker=activity or IngestActivity()))
     server.dispatch = dispatch
     server.gate = AssociationGate(server.ae.edge_limits, server.serve_connection)  # type: ignore[attr-defined]
     server.gate.start()

@@ -21,10 +21,10 @@ their files to ``superseded/``, so they are neither shown nor forwarded; the ima
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
-import os
 import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -36,9 +36,10 @@ from .. import triage
 from ..config import Config
 from ..db import Database
 from ..errors import InferenceError, StoreError
+from ..forward import outbox
 from ..results import build_ai_sr, build_heatmap_sc, write_part10
 from ..results.common import derived_uid
-from ..store import InstanceStore, fsync_dir, utc_now
+from ..store import InstanceStore, utc_now
 from .runner import failure_reason, get_runner, interrupted_reason
 
 log = logging.getLogger(__name__)
@@ -80,43 +81,19 @@ def supersede_ai_instance(tx: Any, store: InstanceStore, sop: str, now: str) -> 
     a crash before that leaves a file that start-up re-indexes and :func:`recover_superseded`
     retires again.  None if ``sop`` is not a current AI object.
     """
-    row = tx.execute("SELECT study_uid, series_uid, file_path, size, sha256, received_at FROM instances "
-                     "WHERE sop_instance_uid = ? AND source = 'ai'", (sop,)).fetchone()
-    if row is None:
-        return None
-    study, series, path, size, sha, received_at = row
-    keep = store.superseded_dir / study / series / f"{sop}.{sha[:16]}.dcm"
-    keep.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(path, keep)
-    except FileExistsError:  # an earlier, interrupted attempt linked the same bytes
-        pass
-    except FileNotFoundError:  # the file was lost: retire the row, record where it was
-        keep = Path(path)
-    else:
-        fsync_dir(keep.parent)
-    tx.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop,))
-    tx.execute("DELETE FROM series WHERE series_uid = ? AND NOT EXISTS "
-               "(SELECT 1 FROM instances WHERE series_uid = ?)", (series, series))
-    if tx.execute("SELECT 1 FROM superseded_instances WHERE sop_instance_uid = ? AND sha256 = ?",
-                  (sop, sha)).fetchone() is None:
-        tx.execute("INSERT INTO superseded_instances (sop_instance_uid, file_path, size, sha256, received_at, "
-                   "superseded_at, superseded_by_sha256) VALUES (?, ?, ?, ?, ?, ?, '')",
-                   (sop, str(keep), size, sha, received_at, now))
-    tx.execute("UPDATE outbox_instances SET state = 'superseded', reason = ?, updated_at = ? "
-               "WHERE sop_instance_uid = ? AND state IN ('pending', 'sent')", (SUPERSEDED_OBJECT, now, sop))
-    return Path(path), sha
+    retired = store.retire_instance(tx, sop, now, source="ai")
+    if retired is not None:
+        outbox.supersede_instance(tx, sop, SUPERSEDED_OBJECT, now)
+    return retired
 
 
 def remove_superseded_files(files: list[tuple[Path, str]]) -> None:
     """After the commit: remove retired AI objects from ``instances/`` (their copy is under
     ``superseded/``), unless the same name now holds other bytes."""
     for path, sha in files:
-        try:
+        with contextlib.suppress(FileNotFoundError):  # already removed (an earlier, interrupted pass)
             if read_instance(path)[1] == sha:
                 path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def supersede_stale(tx: Any, store: InstanceStore, sop: str, now: str) -> list[tuple[Path, str]]:

@@ -7,7 +7,8 @@ Item states::
     any active state -> cancelled            failed / cancelled -> queued (outbox retry)
 
 Instance states: ``pending`` -> ``sent`` (the peer acknowledged it) -> ``confirmed`` (the peer
-lists it in a query); ``refused`` and ``blocked`` are final.  Every transition is one SQLite
+lists it in a query); ``refused``, ``blocked`` and ``superseded`` (an AI object whose result was
+superseded before it was confirmed: never sent) are final.  Every transition is one SQLite
 transaction, so a crash anywhere leaves a state from which the next attempt resumes: it first asks
 the hub which instances it already holds and sends only the others.
 
@@ -168,6 +169,13 @@ def instances(database: Database, item_id: int, states: tuple[str, ...] = ("pend
         f"JOIN instances i ON i.sop_instance_uid = o.sop_instance_uid WHERE o.item_id = ? "
         f"AND o.state IN ({', '.join('?' * len(states))}) ORDER BY i.source != 'dicom', o.rowid",
         (item_id, *states))
+
+
+def supersede_instance(tx: Any, sop_instance_uid: str, reason: str, now: str) -> None:
+    """Inside ``tx``: entries of ``sop_instance_uid`` not yet confirmed become ``superseded``
+    (never sent): the instance was retired while queued."""
+    tx.execute("UPDATE outbox_instances SET state = 'superseded', reason = ?, updated_at = ? "
+               "WHERE sop_instance_uid = ? AND state IN ('pending', 'sent')", (reason, now, sop_instance_uid))
 
 
 def set_remote_study(database: Database, item_id: int, remote_study_uid: str) -> None:
