@@ -192,3 +192,42 @@ def test_no_destination_no_forward_form(study_app: Any) -> None:
                                                           "priority": "routine"}, follow_redirects=True)
     assert "“hub” is not a configured destination" in response.text
     assert study_app.extensions["appliance_db"].query("SELECT COUNT(*) AS n FROM outbox_items")[0]["n"] == 0
+
+
+def test_study_view_shows_failed_work_and_superseded_results(study_app: Any, urgent_engines: Any) -> None:
+    """A job that ended failed says so on the case (not "no AI result yet"); a replaced image's
+    earlier results are listed as not current."""
+    import pydicom
+
+    from appliance.analyze.worker import AnalysisWorker
+    from appliance.db import open_database
+    from appliance.store import InstanceStore
+    from tests.helpers import sample
+    from tests.web.conftest import make_config
+
+    data_dir = study_app.config["APPLIANCE"].data_dir
+    uids = study_app.config["STUDY_UIDS"]
+    database = open_database(data_dir)
+    # What start-up recovery leaves after the attempts ran out (tests/pipeline/test_stuck_work.py).
+    with database.atomic() as tx:
+        tx.execute("DELETE FROM analysis_results WHERE study_uid = ?", (uids[CT],))
+        tx.execute("UPDATE analysis_jobs SET state = 'failed', last_error = 'Interrupted: the appliance stopped "
+                   "8 times while analysing this image; not tried again' WHERE study_uid = ?", (uids[CT],))
+    # The chest CR sent again, corrected (same UIDs, other pixels), and analysed again.
+    ds = pydicom.dcmread(sample(CHEST))
+    ds.PixelData = ds.pixel_array[:, ::-1].copy().tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    store = InstanceStore(data_dir, database, 0)
+    assert store.store(buffer.getvalue(), calling_ae="TEST", source="dicom").action == "replaced"
+    AnalysisWorker(make_config(data_dir, urgent_engines), database, store).run_until_idle()
+    database.close()
+
+    client = study_app.test_client()
+    login(client, "staff")
+    ct_page = client.get(f"/study/{uids[CT]}").text
+    assert "AI could not finish:" in ct_page and "stopped 8 times" in ct_page
+    assert "No AI result yet" not in ct_page
+    chest_page = client.get(f"/study/{uids[CHEST]}").text
+    assert "Earlier results, not current: the image was replaced (1)" in chest_page
+    assert "AI could not finish" not in chest_page

@@ -38,6 +38,8 @@ def abstention_words(code: str) -> str:
         "TOO_SMALL": _("image too small to analyse"),
         "UNREADABLE_PIXELS": _("image unreadable or blank"),
         "OUT_OF_DISTRIBUTION": _("image unlike those the model was trained on"),
+        "OUTSIDE_POPULATION": _("patient outside the age or sex this model was made for"),
+        "POPULATION_UNKNOWN": _("patient's age or sex unknown; this model needs it"),
     }
     return words.get(code, _("the model declined to analyse this image"))
 

@@ -9,14 +9,14 @@ from typing import Any, Optional
 from flask import Blueprint, Response, abort, current_app, flash, g, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
-from appliance import audit, triage
+from appliance import audit, catalog, triage
 from appliance import review as reviewing
 from appliance.analyze.runner import AI_NOTICE
 from appliance.errors import ConfigError, DecodeError
 from appliance.forward import cancel_item, request_forward, retry_item
 from appliance.forward.errors import ForwardRequestError
 from web.core import imaging
-from web.core.formatting import age, patient_name
+from web.core.formatting import age, local_time, patient_name
 from web.core.security import database, roles_required
 
 from .. import engines_info, forwarding, queries
@@ -98,6 +98,11 @@ def view(study_uid: str) -> Any:
     forwards = forwarding.study_items(db, study_uid)
     audit.record(db, g.user.username, "view_study", study_uid)
     summary = queries.ai_summary(results, 0, 0)
+    problems = catalog.failure_notes(catalog.study_failures(db, [study_uid]).get(study_uid, []))
+    engines_dir = current_app.config["APPLIANCE"]["analyze"]["engines_dir"]
+    superseded = [dict(s, superseded_at=local_time(s["superseded_at"]),
+                       model_name=_("no model") if s["model"] == ROUTER else engines_info.model_name(engines_dir, s["model"]))
+                  for s in catalog.superseded_results(db, study_uid)]
     return render_template(
         "study.html", study=study, images=images, results=results, reviews=done, forwards=forwards,
         reports=forwarding.study_report_list(db, study_uid),
@@ -105,7 +110,7 @@ def view(study_uid: str) -> Any:
         chips=queries.chips(study["state"], forwards), patient_name=patient_name(study["name"]),
         age=age(study["birth_date"], study["study_date"]), presets=list(imaging.PRESETS),
         priority_label=queries.priority_words(study["priority"]), forward_priorities=FORWARD_PRIORITIES,
-        last_verdicts=done[0]["verdicts"] if done else {})
+        last_verdicts=done[0]["verdicts"] if done else {}, problems=problems, superseded=superseded)
 
 
 def _png(path: Path, frame: Any, preset: str) -> Response:
