@@ -34,11 +34,11 @@ from typing import IO, Any, Optional
 from .atomicfile import write_atomic
 from .db import DB_FILENAME, Database
 from .errors import ApplianceError
+from .store import INSTANCES_DIRNAME
 
 log = logging.getLogger(__name__)
 
 HISTORY_FILENAME = "box-history.json"
-INSTANCES_DIRNAME = "instances"  # the store's layout (appliance.store)
 # Held shared by every process that has the database open, exclusively by `appliance db rebuild`.
 IN_USE_FILENAME = "appliance.db.inuse"
 DETAIL_CHARS = 200  # of SQLite's own words about the damage

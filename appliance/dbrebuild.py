@@ -28,6 +28,7 @@ from .cli_common import DatabaseRefused, config_option, setup
 from .db import DB_FILENAME, Database, open_database
 from .dbguard import (DatabaseUnusableError, History, contents, hold_in_use, open_checked, read_history,
                       write_history)
+from .store import INSTANCES_DIRNAME, InstanceStore
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class RebuildSummary:
             f"database rebuilt: {db} (new database id {self.database_id})\n"
             f"  was: {self.problem}\n{kept}\n"
             f"  re-indexed: {self.instances} instances in {self.studies} studies from "
-            f"{self.data_dir / 'instances'}\n"
+            f"{self.data_dir / INSTANCES_DIRNAME}\n"
             f"  quarantined (not DICOM): {r.get('quarantined', 0)}, unreadable (left in place): "
             f"{r.get('unreadable', 0)}, temp files removed: {r.get('temp_removed', 0)}\n"
             "  lost with the old database (not in the image files): user accounts, the audit log, reviews, "
@@ -110,7 +111,6 @@ def rebuild(data_dir: Path, force: bool = False) -> RebuildSummary:
     Raises :class:`DatabaseUnusableError` when another process has the database open, and
     :class:`RebuildRefusedError` when the database is usable and ``force`` is False.
     """
-    from .store import InstanceStore  # pydicom: only when rebuilding, not for every command
 
     data_dir = data_dir.absolute()
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,8 @@ __all__ = ["AI_MANUFACTURER", "InstanceStore", "StoreOutcome", "parse_part10", "
 
 log = logging.getLogger(__name__)
 
+INSTANCES_DIRNAME = "instances"  # under the data directory (see the layout above)
+
 MIB = 1024 * 1024
 MAX_BATCH = 64
 # Free space is measured at most this often while it is well above the floor (statvfs costs a
@@ -190,7 +192,7 @@ class InstanceStore:
         self.data_dir = Path(data_dir)
         self.db = database
         self.min_free_mb = min_free_mb
-        self.instances_dir = self.data_dir / "instances"
+        self.instances_dir = self.data_dir / INSTANCES_DIRNAME
         self.superseded_dir = self.data_dir / "superseded"
         self.tmp_dir = self.data_dir / "tmp"
         for d in (self.instances_dir, self.superseded_dir, self.tmp_dir):
