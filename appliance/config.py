@@ -59,6 +59,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_dataset_mb": 1024,
         "max_inflated_mb": 256,
         "processes": 0,
+        "fast_reactor": True,
     },
     "http": {
         "host": "0.0.0.0",
