@@ -338,7 +338,13 @@ views = ["PA", "AP", ""]
 photometric = ["MONOCHROME1", "MONOCHROME2"]
 min_rows = 256
 min_columns = 256
-colour = "reject\"""",
+colour = "reject"
+# Kermany et al. 2018: paediatric patients aged 1-5 years, Guangzhou Women and Children's
+# Medical Center; both sexes. Ages in completed years, bounds inclusive.
+population = "children aged 1–5 years"
+min_age_years = 1
+max_age_years = 5
+unknown_age = "abstain"         # most chest films are of adults: an unknown age is most likely outside""",
     ),
     "us-breast-lesion": dict(
         name="Breast lesion triage (ultrasound)",
@@ -353,7 +359,14 @@ views = []
 photometric = []
 min_rows = 64
 min_columns = 64
-colour = "to_grey\"""",
+colour = "to_grey"
+# BUSI (Al-Dhabyani et al. 2020): 600 women aged 25-75 years, Baheya Hospital, Cairo.
+population = "women aged 25–75 years"
+min_age_years = 25
+max_age_years = 75
+unknown_age = "analyse"         # breast ultrasound patients are mostly adult women; the result says the age was unknown
+sexes = ["F"]
+unknown_sex = "analyse"         # likewise, with a note""",
     ),
 }
 
@@ -370,7 +383,7 @@ intended_use = "{t['intended_use']}"
 training_data = "{t['training_data']}"
 disclaimer = "AI assist — not a diagnosis. NOT FOR CLINICAL USE."
 
-[applicability]                 # metadata gate; empty list = any
+[applicability]                 # metadata and population gate; empty list = any
 {t['applicability']}
 
 [input]
