@@ -1,13 +1,16 @@
 """Configuration layering, validation and masking."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
 import re
+import typing
 from pathlib import Path
 
 import pytest
 
-from appliance.config import load_config
+from appliance.config import Config, Destination, ForwardRule, load_config
 from appliance.errors import ConfigError
 from tests.helpers import run_cli
 
@@ -22,21 +25,21 @@ def test_precedence_defaults_firmware_site_env_cli(tmp_path):
     site = write(tmp_path / "site.toml", '[dicom]\nport = 1002\n[http]\nport = 2002\nthreads = 3\n')
     env = {"APPLIANCE_HTTP_PORT": "2003", "APPLIANCE_HTTP_THREADS": "4"}
     config = load_config(site, {"http.threads": 5, "dicom.max_associations": None}, environ=env, firmware_file=firmware)
-    assert config.get("storage.min_free_mb") == 500  # built-in default
-    assert config.get("dicom.ae_title") == "FW"  # firmware over default
-    assert config.get("dicom.port") == 1002  # site over firmware
-    assert config.get("http.port") == 2003  # environment over site
-    assert config.get("http.threads") == 5  # command line over environment
-    assert config.get("dicom.max_associations") == 16  # an unset flag masks nothing
-    assert config.sources[-1] == "command line"
+    assert config.storage.min_free_mb == 500  # built-in default
+    assert config.dicom.ae_title == "FW"  # firmware over default
+    assert config.dicom.port == 1002  # site over firmware
+    assert config.http.port == 2003  # environment over site
+    assert config.http.threads == 5  # command line over environment
+    assert config.dicom.max_associations == 16  # an unset flag masks nothing
+    assert config.sources == ("defaults", str(firmware), str(site), "environment", "command line")
 
 
 def test_site_file_from_environment(tmp_path):
     site = write(tmp_path / "site.toml", '[dicom]\nallowed_calling_aes = ["CR1", "US2"]\n')
     config = load_config(environ={"APPLIANCE_CONFIG": str(site)}, firmware_file=None)
-    assert config.get("dicom.allowed_calling_aes") == ["CR1", "US2"]
+    assert config.dicom.allowed_calling_aes == ("CR1", "US2")
     env_list = load_config(environ={"APPLIANCE_DICOM_ALLOWED_CALLING_AES": "A, B"}, firmware_file=None)
-    assert env_list.get("dicom.allowed_calling_aes") == ["A", "B"]
+    assert env_list.dicom.allowed_calling_aes == ("A", "B")
 
 
 @pytest.mark.parametrize(
@@ -68,7 +71,7 @@ def test_missing_site_file(tmp_path):
 
 def test_secrets_are_masked():
     config = load_config(environ={"APPLIANCE_HTTP_SECRET_KEY": "hunter2"}, firmware_file=None)
-    assert config.get("http.secret_key") == "hunter2"
+    assert config.http.secret_key == "hunter2"
     assert config.masked()["http"]["secret_key"] == "***"
     assert "hunter2" not in json.dumps(config.masked())
 
@@ -122,9 +125,11 @@ def test_destinations_and_rules_with_secrets_from_environment(tmp_path):
     env = {"APPLIANCE_DESTINATIONS_HUB_PASSWORD": "pw-from-env", "APPLIANCE_DESTINATIONS_RADIOLOGY_PACS_PORT": "11113"}
     config = load_config(site, environ=env, firmware_file=None)
     hub = config.destination("hub")
-    assert hub["password"] == "pw-from-env" and hub["deidentify"] is True and hub["max_rate_kbps"] == 0
-    assert config.destination("radiology pacs")["port"] == 11113
-    assert config["forward_rules"] == [{"when": "urgent", "to": "hub", "priority": "urgent"}]
+    assert isinstance(hub, Destination) and hub.kind == "dicomweb" and hub.send_window == "22:00-06:00"
+    assert hub.password == "pw-from-env" and hub.deidentify is True and hub.max_rate_kbps == 0
+    assert config.destination("radiology pacs").port == 11113
+    assert config.destinations == (hub, config.destination("radiology pacs"))
+    assert config.forward_rules == (ForwardRule(when="urgent", to="hub", priority="urgent"),)
     masked = json.dumps(config.masked())
     assert "pw-from-env" not in masked and "clinic7" in masked
     with pytest.raises(ConfigError, match="no destination named 'nope'"):
@@ -151,45 +156,121 @@ def test_invalid_destinations(tmp_path, text, message):
 
 
 def _integer_keys() -> list[str]:
-    from appliance.config import DEFAULTS
+    from appliance.config import SECTIONS
 
-    return [f"{section}.{key}" for section, table in DEFAULTS.items() for key, value in table.items()
-            if isinstance(value, int) and not isinstance(value, bool)]
+    return [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+            if typing.get_type_hints(cls)[f.name] is int]
 
 
-def test_every_integer_key_has_bounds_and_the_firmware_file_documents_every_key():
-    from appliance.config import BOUNDS, DEFAULTS, DESTINATION_BOUNDS, DESTINATION_KEYS, FIRMWARE_CONFIG
+def _bounds(dotted: str) -> tuple[int, int]:
+    from appliance.config import SECTIONS
 
-    assert set(_integer_keys()) == set(BOUNDS)
-    assert {k for k, (d, _) in DESTINATION_KEYS.items() if isinstance(d, int) and not isinstance(d, bool)} \
-        == set(DESTINATION_BOUNDS)
-    for low, high in [*BOUNDS.values(), *DESTINATION_BOUNDS.values()]:
-        assert low <= high
+    section, key = dotted.split(".")
+    return SECTIONS[section].__dataclass_fields__[key].metadata["bounds"]
+
+
+def test_every_integer_key_has_bounds_that_admit_its_default():
+    from appliance.config import SECTIONS, TABLE_ARRAYS
+
+    for cls in [*SECTIONS.values(), *TABLE_ARRAYS.values()]:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            bounds, name = f.metadata["bounds"], f"{cls.__name__}.{f.name}"
+            assert (bounds is not None) == (hints[f.name] is int), f"{name}: bounds are declared for integers only, all"
+            if bounds is not None:
+                assert bounds[0] <= bounds[1], name
+                assert bounds[0] <= f.default <= bounds[1], name
+            if f.metadata["choices"] is not None and f.default is not dataclasses.MISSING:
+                assert f.default in f.metadata["choices"], name
+    assert {"storage.min_free_mb", "dicom.port", "dicom.processes", "http.threads", "analyze.workers"} \
+        <= set(_integer_keys())
+    assert Config() == load_config(environ={}, firmware_file=None)  # the defaults alone are valid
+
+
+def test_the_firmware_file_agrees_with_the_defaults_and_documents_every_key():
+    """Every key in firmware_config/appliance.toml is a field set to the field's default, and every
+    field is in the file: set, or commented out where its default depends on the machine (paths)."""
+    from appliance.config import FIRMWARE_CONFIG, SECTIONS, _read_toml
+
     firmware = load_config(environ={}, firmware_file=FIRMWARE_CONFIG)
-    for dotted in _integer_keys():
-        section, key = dotted.split(".")
-        low, high = BOUNDS[dotted]
-        assert low <= DEFAULTS[section][key] <= high, dotted
-        assert firmware.get(dotted) == DEFAULTS[section][key], f"{dotted}: firmware file and built-in default differ"
+    assert firmware.sources == ("defaults", str(FIRMWARE_CONFIG))
+    assert firmware == Config(), "firmware file and built-in defaults differ: " + json.dumps(
+        {s: {k: v for k, v in t.items() if Config().as_dict()[s][k] != v}
+         for s, t in firmware.as_dict().items() if isinstance(t, dict)})
+    parsed = _read_toml(FIRMWARE_CONFIG)
+    assert set(parsed) == set(SECTIONS), "every section is in the firmware file, and only those"
     text = FIRMWARE_CONFIG.read_text()
-    for key in DEFAULTS["dicom"]:
-        assert f"\n{key} = " in text, f"dicom.{key} is not documented in {FIRMWARE_CONFIG.name}"
+    for name, cls in SECTIONS.items():
+        section_text = text.split(f"\n[{name}]\n", 1)[1].split("\n[", 1)[0]
+        for f in dataclasses.fields(cls):
+            if typing.get_type_hints(cls)[f.name] in (Path, typing.Optional[Path]):
+                assert f.name not in parsed[name], f"{name}.{f.name}: a path default depends on the machine"
+                assert re.search(rf"^# {f.name} = ", section_text, re.M), f"{name}.{f.name} is not documented"
+            else:
+                assert f.name in parsed[name], f"{name}.{f.name} is not in {FIRMWARE_CONFIG.name}"
+    assert firmware.dicom.fast_reactor is True
+
+
+def test_a_changed_default_is_caught_by_the_firmware_comparison(tmp_path):
+    """The comparison above can fail: a firmware file with one value off is not the defaults."""
+    from appliance.config import FIRMWARE_CONFIG
+
+    changed = FIRMWARE_CONFIG.read_text().replace("\nmax_attempts = 8\n", "\nmax_attempts = 9\n")
+    assert changed != FIRMWARE_CONFIG.read_text()
+    assert load_config(environ={}, firmware_file=write(tmp_path / "fw.toml", changed)) != Config()
+
+
+def test_no_default_path_is_outside_the_project():
+    from appliance.config import PROJECT_ROOT, SECTIONS
+
+    defaults = Config()
+    for name in SECTIONS:
+        for key, value in vars(getattr(defaults, name)).items():
+            if isinstance(value, Path):
+                assert value.resolve().is_relative_to(PROJECT_ROOT), f"{name}.{key} = {value}"
+    assert defaults.analyze.shared_data_dir is None
+    with pytest.raises(ConfigError, match=r"^analyze\.shared_data_dir is not set: .*APPLIANCE_ANALYZE_SHARED_DATA_DIR"):
+        defaults.analyze.require_shared_data_dir()
+    env = load_config(environ={"APPLIANCE_ANALYZE_SHARED_DATA_DIR": "/srv/val"}, firmware_file=None)
+    assert env.analyze.require_shared_data_dir() == Path("/srv/val")
+    assert load_config(environ={"APPLIANCE_ANALYZE_SHARED_DATA_DIR": ""}, firmware_file=None).analyze.shared_data_dir \
+        is None
+    with pytest.raises(ConfigError, match=r"^storage\.data_dir \(from environment\): expected a path, got an empty"):
+        load_config(environ={"APPLIANCE_STORAGE_DATA_DIR": " "}, firmware_file=None)
+
+
+def test_quantize_without_shared_data_dir_says_how_to_set_it(tmp_path):
+    result = run_cli("models", "quantize", "--model", "cxr-pneumonia", "--data-dir", str(tmp_path / "d"),
+                     env={"APPLIANCE_ANALYZE_SHARED_DATA_DIR": ""})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "analyze.shared_data_dir is not set" in result.stderr and "APPLIANCE_ANALYZE_SHARED_DATA_DIR" in result.stderr
 
 
 @pytest.mark.parametrize("dotted", _integer_keys())
 def test_every_integer_key_out_of_range_is_refused_naming_the_key(tmp_path, dotted):
-    from appliance.config import BOUNDS
-
     section, key = dotted.split(".")
-    low, high = BOUNDS[dotted]
+    low, high = _bounds(dotted)
     for value in (low - 1, high + 1):
         site = write(tmp_path / "site.toml", f"[{section}]\n{key} = {value}\n")
         with pytest.raises(ConfigError) as info:
             load_config(site, environ={}, firmware_file=None)
         assert str(info.value).startswith(f"{dotted}: {value} ")
     for value in (low, high):
-        assert load_config(write(tmp_path / "ok.toml", f"[{section}]\n{key} = {value}\n"), environ={},
-                           firmware_file=None).get(dotted) == value
+        config = load_config(write(tmp_path / "ok.toml", f"[{section}]\n{key} = {value}\n"), environ={},
+                             firmware_file=None)
+        assert getattr(getattr(config, section), key) == value
+
+
+def test_sections_are_frozen_and_answer_item_access_during_the_transition():
+    config = load_config(environ={"APPLIANCE_DICOM_PORT": "1104"}, firmware_file=None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.dicom.port = 1  # type: ignore[misc]
+    assert config["dicom"]["port"] == config.dicom.port == 1104 and config["dicom"].get("nosuch", 7) == 7
+    with pytest.raises(KeyError):
+        config["dicom"]["nosuch"]
+    assert pickle.loads(pickle.dumps(config)) == config  # receiving processes get it pickled
+    with pytest.raises(ConfigError, match=r"^dicom\.port: 70000 is not a TCP port"):
+        dataclasses.replace(config, dicom=dataclasses.replace(config.dicom, port=70000))
 
 
 @pytest.mark.parametrize("key, value", [("port", 0), ("port", 65536), ("max_rate_kbps", -1),

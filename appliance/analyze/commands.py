@@ -118,7 +118,7 @@ def quantize_cmd(model_id: str, max_auc_drop: float, config_file: Optional[str],
     package = Path(config["analyze"]["engines_dir"]) / model_id
     try:
         find_model(config["analyze"]["engines_dir"], model_id)
-        result = quantize_model(package, Path(config["analyze"]["shared_data_dir"]), max_auc_drop=max_auc_drop)
+        result = quantize_model(package, config.analyze.require_shared_data_dir(), max_auc_drop=max_auc_drop)
     except ApplianceError as exc:  # QuantizeRefusedError included: a refusal is a failure exit
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(result, default=str))
