@@ -13,6 +13,9 @@ import requests
 from pydicom.data import get_testdata_file
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The validation data sets sit beside the project on every development machine and in CI; the
+# configuration has no default for them (analyze.shared_data_dir), so tests pass this one.
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 CALLING_AE = "MODALITY"
 
 

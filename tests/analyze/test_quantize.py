@@ -16,10 +16,10 @@ else:  # pragma: no cover
 from appliance.analyze.manifest import sha256_file
 from appliance.analyze.quantize import INT8_MODEL, quantize_model, refresh_file_hashes
 from appliance.errors import ManifestError, QuantizeRefusedError
+from tests.helpers import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ROOT / "engines"
-SHARED_DATA = ROOT.parent / "shared" / "data"
 PACKAGES = ["cxr-pneumonia", "us-breast-lesion"]
 
 

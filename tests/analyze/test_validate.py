@@ -135,7 +135,8 @@ def test_reference_validation_auc_is_reproduced(tmp_path: Path) -> None:
     """PNGs of the shared validation split through `models validate` give the model card's AUC."""
     import sys
 
-    from appliance.config import PROJECT_ROOT, load_config
+    from appliance.config import PROJECT_ROOT
+    from tests.helpers import SHARED_DATA
 
     if sys.version_info >= (3, 11):
         import tomllib
@@ -147,9 +148,7 @@ def test_reference_validation_auc_is_reproduced(tmp_path: Path) -> None:
     manifest = tomllib.loads((package / "manifest.toml").read_text())
     if "validation" not in manifest or "data" not in manifest:
         pytest.fail("cxr-pneumonia manifest lacks [validation] auc or [data] file")
-    shared = Path(load_config(environ={})["analyze"]["shared_data_dir"])
-    source = shared / manifest["data"]["file"]
-    # The shared data sets sit beside the project (../shared/data) on every machine and in CI.
+    source = SHARED_DATA / manifest["data"]["file"]
     assert source.is_file(), f"{source} not available"
     with np.load(source) as data:
         images, labels = data["val_images"], data["val_labels"].reshape(-1)
