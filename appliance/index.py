@@ -10,7 +10,9 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from . import lifecycle
 from .dicomfile import text
+from .lifecycle import InstanceState, JobState, StudyEvent
 
 # Written into every DICOM object the box creates, so it can always tell its own results apart.
 AI_MANUFACTURER = "Clinic Edge Appliance"
@@ -35,8 +37,8 @@ def index_instance(
     ).fetchone()[0]
     study = ids["StudyInstanceUID"]
     tx.execute(
-        "INSERT INTO studies (study_uid, patient_pk, accession, study_date, study_time, description, "
-        "first_received_at, last_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        "INSERT INTO studies (study_uid, patient_pk, accession, study_date, study_time, description, state, "
+        "first_received_at, last_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
         # A late image re-opens a settled study (DICOM has no end-of-study signal).
         "ON CONFLICT (study_uid) DO UPDATE SET last_received_at = excluded.last_received_at, settled_at = ''",
         (
@@ -46,6 +48,7 @@ def index_instance(
             text(ds, "StudyDate"),
             text(ds, "StudyTime"),
             text(ds, "StudyDescription"),
+            lifecycle.STUDY_INITIAL.value,
             now,
             now,
         ),
@@ -65,10 +68,10 @@ def index_instance(
     tx.execute(
         "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid, instance_number, "
         "file_path, size, sha256, transfer_syntax, calling_ae, source, received_at, state) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received') "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (sop_instance_uid) DO UPDATE SET file_path = excluded.file_path, size = excluded.size, "
         "sha256 = excluded.sha256, transfer_syntax = excluded.transfer_syntax, calling_ae = excluded.calling_ae, "
-        "source = excluded.source, received_at = excluded.received_at, state = 'received'",
+        "source = excluded.source, received_at = excluded.received_at, state = excluded.state",
         (
             ids["SOPInstanceUID"],
             ids["SeriesInstanceUID"],
@@ -82,19 +85,22 @@ def index_instance(
             calling_ae,
             source,
             now,
+            InstanceState.RECEIVED.value,
         ),
     )
     if queue_analysis and needs_analysis(ds, source):
         tx.execute(
             "INSERT INTO analysis_jobs (sop_instance_uid, study_uid, state, created_at, updated_at) "
-            "SELECT ?, ?, 'pending', ?, ? WHERE NOT EXISTS (SELECT 1 FROM analysis_jobs "
-            "WHERE sop_instance_uid = ? AND state IN ('pending', 'running'))",
-            (ids["SOPInstanceUID"], study, now, now, ids["SOPInstanceUID"]),
+            "SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM analysis_jobs "
+            f"WHERE sop_instance_uid = ? AND state IN ({lifecycle.marks(lifecycle.JOB_OUTSTANDING)}))",
+            (ids["SOPInstanceUID"], study, JobState.PENDING.value, now, now, ids["SOPInstanceUID"],
+             *lifecycle.words(lifecycle.JOB_OUTSTANDING)),
         )
         # A late image re-opens an analyzed study until its analysis is done.
-        tx.execute("UPDATE studies SET state = 'received' WHERE study_uid = ? AND state = 'analyzed'", (study,))
+        lifecycle.move_study(tx, study, StudyEvent.ANALYSIS_QUEUED)
 
 
 def needs_analysis(ds: Dataset, source: str) -> bool:
-    """Images from the clinic get an analysis job; the box's own AI results never do."""
-    return "PixelData" in ds and source != "ai" and text(ds, "Manufacturer") != AI_MANUFACTURER
+    """The clinic's images (:func:`appliance.lifecycle.is_clinical`: any source but the box's AI
+    objects and reports) get an analysis job; the box's own AI results never do."""
+    return "PixelData" in ds and lifecycle.is_clinical(source) and text(ds, "Manufacturer") != AI_MANUFACTURER

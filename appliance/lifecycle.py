@@ -181,7 +181,7 @@ class InstanceKind(_Word):
 
     CLINICAL = "clinical"  # the clinic's images: analysed, shown, forwarded
     AI_OBJECT = "ai_object"  # the box's own output: forwarded while current, if the destination takes it
-    REPORT = "report"  # a report back from a destination: shown, forwarded with its study
+    REPORT = "report"  # a report back from a destination: shown with its study, not forwarded
 
 
 # Outbox items still on their way: at most one per (study, destination) (the partial unique index
@@ -213,9 +213,40 @@ def is_clinical(source: str) -> bool:
     return kind_of(source) is InstanceKind.CLINICAL
 
 
+def kind_sql(column: str, kinds: tuple[InstanceKind, ...]) -> tuple[str, tuple[str, ...]]:
+    """SQL condition (and its parameters) true where the source in ``column`` is of one of
+    ``kinds``, as :func:`kind_of` classifies it (so a source not known here counts as clinical)."""
+    if InstanceKind.CLINICAL not in kinds:
+        wanted = tuple(str(source) for source, kind in _NOT_CLINICAL.items() if kind in kinds)
+        return f"{column} IN ({marks(wanted)})", wanted
+    excluded = tuple(str(source) for source, kind in _NOT_CLINICAL.items() if kind not in kinds)
+    if not excluded:
+        return "1", ()
+    return f"{column} NOT IN ({marks(excluded)})", excluded
+
+
 def clinical_sql(column: str = "source") -> tuple[str, tuple[str, ...]]:
     """SQL condition (and its parameters) true where ``column`` names a clinical source."""
-    return f"{column} NOT IN (?, ?)", (Source.AI.value, Source.REPORT.value)
+    return kind_sql(column, (InstanceKind.CLINICAL,))
+
+
+def forwarded_kinds(attach_ai_results: bool) -> tuple[InstanceKind, ...]:
+    """The kinds of instance an outbox item sends: the clinic's images, plus the box's AI objects
+    for a destination with ``attach_ai_results`` (the outbox sends only the current ones).  A
+    report is not sent on: it came from a destination, and a PDF cannot be de-identified."""
+    return (InstanceKind.CLINICAL, InstanceKind.AI_OBJECT) if attach_ai_results else (InstanceKind.CLINICAL,)
+
+
+def is_forwarded(source: str, attach_ai_results: bool) -> bool:
+    """Whether an instance of ``source`` is of a kind :func:`forwarded_kinds` sends."""
+    return kind_of(source) in forwarded_kinds(attach_ai_results)
+
+
+def forwarded_sql(column: str, attach_ai_results: bool) -> tuple[str, tuple[str, ...]]:
+    """SQL condition (and its parameters) true where ``column`` names a source
+    :func:`is_forwarded` says is sent: every source but those of kinds not sent, so a new source
+    is forwarded by default."""
+    return kind_sql(column, forwarded_kinds(attach_ai_results))
 
 
 def marks(values: tuple[Any, ...] | list[Any]) -> str:

@@ -1,8 +1,9 @@
 """A clinician's review of a study's AI findings: one verdict per current finding and a note.
 
-A review is recorded together with its audit entry and the study's move to ``reviewed``, in one
-transaction.  Later stages (sent, report back) are not undone by a new review, and earlier
-reviews stay: the study view lists them all, newest first.
+A review is recorded together with its audit entry and the study's ``reviewed`` event
+(:func:`appliance.lifecycle.move_study`), in one transaction.  Later stages (sent, report back)
+are not undone by a new review, and earlier reviews stay: the study view lists them all, newest
+first.
 
 Findings are named ``<result id>:<finding code>`` (:func:`finding_key`); only the findings of a
 study's current results (:func:`appliance.triage.current_results`) can be given a verdict.
@@ -13,13 +14,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from . import audit, triage
+from . import audit, lifecycle, triage
 from .errors import ApplianceError
+from .lifecycle import StudyEvent
 
 VERDICTS = ("agree", "disagree", "uncertain")
 NOTE_MAX = 2000  # characters kept of a note
-# The study states a review moves to ``reviewed``; later ones stay as they are.
-REVIEWABLE_STATES = ("received", "analyzed")
 
 
 class ReviewError(ApplianceError):
@@ -62,9 +62,7 @@ def record_review(database: Any, study_uid: str, actor: str, verdicts: Mapping[s
         review_id = tx.execute(
             "INSERT INTO reviews (study_uid, username, at, verdicts_json, note) VALUES (?, ?, ?, ?, ?)",
             (study_uid, actor, audit.utc_now(), json.dumps(chosen, sort_keys=True), note)).lastrowid
-        marks = ", ".join("?" * len(REVIEWABLE_STATES))
-        tx.execute(f"UPDATE studies SET state = 'reviewed' WHERE study_uid = ? AND state IN ({marks})",
-                   (study_uid, *REVIEWABLE_STATES))
+        lifecycle.move_study(tx, study_uid, StudyEvent.REVIEWED)
         audit.record_tx(tx, actor, "review", study_uid, {"verdicts": chosen, "note_chars": len(note)})
     return int(review_id)
 

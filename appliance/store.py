@@ -50,6 +50,7 @@ from .db import Database
 from .dicomfile import identify, parse_part10
 from .errors import InvalidDatasetError, OutOfSpaceError, StoreError
 from .index import AI_MANUFACTURER, index_instance
+from .lifecycle import Source
 
 __all__ = ["AI_MANUFACTURER", "InstanceStore", "StoreOutcome", "parse_part10", "utc_now"]
 
@@ -278,7 +279,7 @@ class InstanceStore:
         self.check_space(len(data))
         return Staged(data, self._staging.submit(self._write_temp, data), self._staging.submit(_sha256, data))
 
-    def commit(self, staged: Staged, ds: Dataset, calling_ae: str = "", source: str = "dicom") -> StoreOutcome:
+    def commit(self, staged: Staged, ds: Dataset, calling_ae: str = "", source: str = Source.DICOM) -> StoreOutcome:
         """Rename the staged file into place and index it; returns when both are durable."""
         ids = identify(ds)
         tmp, sha = staged.result()
@@ -291,7 +292,8 @@ class InstanceStore:
             staged.committed = True
             tmp.unlink(missing_ok=True)  # still there only if the commit failed before the rename
 
-    def store(self, data: bytes, calling_ae: str = "", source: str = "dicom", ds: Dataset | None = None) -> StoreOutcome:
+    def store(self, data: bytes, calling_ae: str = "", source: str = Source.DICOM,
+              ds: Dataset | None = None) -> StoreOutcome:
         """Store one Part 10 byte string exactly as given.  See the module docstring."""
         staged = self.stage(data)
         try:
@@ -456,7 +458,7 @@ class InstanceStore:
             return 0
         with self.db.atomic() as tx:
             for ds, ids, path, data, received_at in batch:
-                source = "ai" if str(ds.get("Manufacturer", "")) == AI_MANUFACTURER else "recovered"
+                source = Source.AI if str(ds.get("Manufacturer", "")) == AI_MANUFACTURER else Source.RECOVERED
                 index_instance(tx, ds, ids, path, len(data), _sha256(data), "", source, received_at,
                                queue_analysis=queue_analysis)
         return len(batch)

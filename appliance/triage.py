@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
+from .lifecycle import JOB_OUTSTANDING, ResultStatus, StudyEvent, marks, move_study, words
+
 PRIORITY_RANK = {"urgent": 0, "review": 1, "routine": 2, "not_analyzed": 3}
 WORKLIST_ORDER = "priority_rank ASC, score DESC, first_received_at ASC"
 
@@ -48,7 +50,7 @@ def assess(rows: Iterable[dict[str, Any]]) -> tuple[str, float]:
     best: dict[str, float] = {}
     top_any = 0.0
     for row in current_results(rows):
-        if row["status"] != "analyzed":
+        if row["status"] != ResultStatus.ANALYZED:
             continue
         analyzed = True
         for finding in json.loads(row["findings_json"]):
@@ -66,7 +68,8 @@ def assess(rows: Iterable[dict[str, Any]]) -> tuple[str, float]:
 
 
 def update_study(tx: Any, study_uid: str, now: str) -> str:
-    """Recompute a study's priority, score and state inside the caller's transaction.
+    """Recompute a study's priority and score inside the caller's transaction, and move its state
+    (:func:`appliance.lifecycle.move_study`: analysis done, or still queued).
 
     Returns the new priority; records an ``urgent`` event when a study becomes urgent.
     """
@@ -82,15 +85,15 @@ def update_study(tx: Any, study_uid: str, now: str) -> str:
     priority, score = assess(rows)
     before = tx.execute("SELECT priority FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
     outstanding = tx.execute(
-        "SELECT COUNT(*) FROM analysis_jobs WHERE study_uid = ? AND state IN ('pending', 'running')", (study_uid,)
+        f"SELECT COUNT(*) FROM analysis_jobs WHERE study_uid = ? AND state IN ({marks(JOB_OUTSTANDING)})",
+        (study_uid, *words(JOB_OUTSTANDING)),
     ).fetchone()[0]
     tx.execute(
-        "UPDATE studies SET priority = ?, priority_rank = ?, score = ?, "
-        "state = CASE WHEN ? = 0 AND state = 'received' THEN 'analyzed' "
-        "             WHEN ? > 0 AND state = 'analyzed' THEN 'received' ELSE state END "
-        "WHERE study_uid = ?",
-        (priority, PRIORITY_RANK[priority], score, outstanding, outstanding, study_uid),
+        "UPDATE studies SET priority = ?, priority_rank = ?, score = ? WHERE study_uid = ?",
+        (priority, PRIORITY_RANK[priority], score, study_uid),
     )
+    if before is not None:
+        move_study(tx, study_uid, StudyEvent.ANALYSIS_QUEUED if outstanding else StudyEvent.ANALYSIS_DONE)
     if priority == "urgent" and (before is None or before[0] != "urgent"):
         tx.execute(
             "INSERT INTO events (at, kind, study_uid, detail) VALUES (?, 'urgent', ?, ?)",

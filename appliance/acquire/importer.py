@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Iterator
 import pydicom
 
 from ..errors import ImportPathError, InvalidDatasetError, OutOfSpaceError, StoreError
+from ..lifecycle import Source
 from ..store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def import_files(
             data = path.read_bytes()
             if len(data) < 132 or data[128:132] != b"DICM":
                 raise InvalidDatasetError("not a DICOM Part 10 file (no DICM preamble)")
-            outcome = store.store(data, calling_ae="", source="import")
+            outcome = store.store(data, calling_ae="", source=Source.IMPORT)
         except OutOfSpaceError:
             raise
         except (InvalidDatasetError, StoreError, OSError) as exc:

@@ -12,6 +12,7 @@ import click
 
 from ..cli_common import config_option, setup
 from ..errors import ConfigError
+from ..lifecycle import OutboxState
 from .errors import ForwardRequestError
 
 SCHEMA_VERSION = 1
@@ -79,7 +80,7 @@ def _list(config_file: str | None, data_dir: str | None, as_json: bool, show_all
         n = i["instances"]
         click.echo(f"{i['id']:>5} {i['state']:<10} {i['priority']:<7} {i['destination']:<12} {i['study_uid'][:40]:<40} "
                    f"{n['confirmed']}/{n['total']} confirmed  {i['bytes_sent']}/{i['bytes_original']} B"
-                   + (f"  next {i['next_attempt_at']}" if i["next_attempt_at"] and i["state"] != "confirmed" else "")
+                   + (f"  next {i['next_attempt_at']}" if i["next_attempt_at"] and i["state"] != OutboxState.CONFIRMED else "")
                    + (f"  error: {i['last_error']}" if i["last_error"] else "")
                    + (f"  reason: {i['reason']}" if i["reason"] else ""))
     for d in destinations:

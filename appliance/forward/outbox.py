@@ -1,12 +1,12 @@
 """The outbox: durable state of every send, one item per (study, destination).
 
-Item states::
+Item states (:class:`~appliance.lifecycle.OutboxState`)::
 
     queued -> sending -> delivered -> confirmed
                  \\-> failed     (a peer refused a dataset, or policy blocked one; reason says which)
     any active state -> cancelled            failed / cancelled -> queued (outbox retry)
 
-Instance states: ``pending`` -> ``sent`` (the peer acknowledged it) -> ``confirmed`` (the peer
+Instance states (:class:`~appliance.lifecycle.OutboxInstanceState`): ``pending`` -> ``sent`` (the peer acknowledged it) -> ``confirmed`` (the peer
 lists it in a query); ``refused``, ``blocked`` and ``superseded`` (an AI object whose result was
 superseded before it was confirmed: never sent) are final.  Every transition is one SQLite
 transaction, so a crash anywhere leaves a state from which the next attempt resumes: it first asks
@@ -22,18 +22,18 @@ import json
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 
-from .. import audit
+from .. import audit, lifecycle
 from ..catalog import failure_notes, study_failures
 from ..config import Config
 from ..db import Database
+from ..lifecycle import (JOB_OUTSTANDING, OBJECTS_OUTSTANDING, OUTBOX_ACTIVE, OUTBOX_DONE, OUTBOX_INSTANCE_NOT_SENT,
+                         OUTBOX_INSTANCE_OPEN, OutboxInstanceState, OutboxState, Source, StudyEvent, marks, words)
 from ..store import utc_now
 from .errors import ForwardRequestError
 from .pacing import backoff_s, in_window
 
-ACTIVE = ("queued", "sending", "delivered")
 PRIORITIES = {"urgent": 0, "routine": 1}
-# Where an item's instances come from: the clinic's images, plus the box's AI objects if asked.
-CLINIC_SOURCES = ("dicom", "import", "recovered")
+_ACTIVE_IN = f"IN ({marks(OUTBOX_ACTIVE)})"  # with the parameters words(OUTBOX_ACTIVE)
 # The SR and SC UIDs of a study's current results (two parameters: the study UID twice).
 _CURRENT_RESULTS = ("FROM analysis_results r JOIN instances s ON s.sop_instance_uid = r.sop_instance_uid "
                     "AND s.sha256 = r.sha256 WHERE r.study_uid = ?")
@@ -62,7 +62,7 @@ def request_forward(database: Database, config: Config, study_uid: str, destinat
         if tx.execute("SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,)).fetchone() is None:
             raise ForwardRequestError(f"no study {study_uid}")
         row = tx.execute(f"SELECT id, priority_rank FROM outbox_items WHERE study_uid = ? AND destination = ? "
-                         f"AND state IN {ACTIVE}", (study_uid, destination)).fetchone()
+                         f"AND state {_ACTIVE_IN}", (study_uid, destination, *words(OUTBOX_ACTIVE))).fetchone()
         if row is not None:
             if PRIORITIES[priority] < row[1]:
                 tx.execute("UPDATE outbox_items SET priority = ?, priority_rank = ?, updated_at = ? WHERE id = ?",
@@ -81,15 +81,18 @@ def request_forward(database: Database, config: Config, study_uid: str, destinat
 def refresh_instances(database: Database, item: dict[str, Any], attach_ai_results: bool) -> None:
     """Add the study's instances the item does not list yet (late images, AI results).
 
-    An AI object goes only while it belongs to a current result (one computed on its image's
-    current bytes): the objects of a superseded result are never sent."""
-    sources = CLINIC_SOURCES + (("ai",) if attach_ai_results else ())
+    What goes is chosen by kind (:func:`appliance.lifecycle.forwarded_sql`): the clinic's images,
+    whatever their source, and with ``attach_ai_results`` the box's AI objects, each only while it
+    belongs to a current result (one computed on its image's current bytes): the objects of a
+    superseded result are never sent."""
+    forwarded, params = lifecycle.forwarded_sql("source", attach_ai_results)
+    ai_current = (f" AND (source != ? OR sop_instance_uid IN {CURRENT_AI_OBJECTS})" if attach_ai_results else "")
     with database.atomic() as tx:
         tx.execute(
             f"INSERT OR IGNORE INTO outbox_instances (item_id, sop_instance_uid, bytes_original, updated_at) "
-            f"SELECT ?, sop_instance_uid, size, ? FROM instances WHERE study_uid = ? AND source IN "
-            f"({', '.join('?' * len(sources))}) AND (source != 'ai' OR sop_instance_uid IN {CURRENT_AI_OBJECTS})",
-            (item["id"], utc_now(), item["study_uid"], *sources, item["study_uid"], item["study_uid"]))
+            f"SELECT ?, sop_instance_uid, size, ? FROM instances WHERE study_uid = ? AND {forwarded}{ai_current}",
+            (item["id"], utc_now(), item["study_uid"], *params,
+             *((Source.AI.value, item["study_uid"], item["study_uid"]) if attach_ai_results else ())))
 
 
 # -- the sender's transitions -----------------------------------------------------------------
@@ -97,12 +100,14 @@ def refresh_instances(database: Database, item: dict[str, Any], attach_ai_result
 # result objects are done, so the hub gets them together (an urgent study waits seconds for its
 # SR and heatmap, instead of arriving without them).  Done includes failed: a study whose AI
 # objects failed goes with what exists, and its notes, forwarding status and event say so.
+# (Parameters: STUDY_READY_PARAMS.)
 STUDY_READY = (
     "(NOT EXISTS (SELECT 1 FROM analysis_jobs j WHERE j.study_uid = o.study_uid "
-    "AND j.state IN ('pending', 'running')) "
+    f"AND j.state IN ({marks(JOB_OUTSTANDING)})) "
     "AND NOT EXISTS (SELECT 1 FROM analysis_results r WHERE r.study_uid = o.study_uid "
-    "AND r.objects_state IN ('pending', 'building')))"
+    f"AND r.objects_state IN ({marks(OBJECTS_OUTSTANDING)})))"
 )
+STUDY_READY_PARAMS = (*words(JOB_OUTSTANDING), *words(OBJECTS_OUTSTANDING))
 # A batch: items of one destination and one priority sent together (one STOW-RS request, one
 # confirming query for all of them) up to about this many bytes of stored files.  Confirmation
 # waits for the whole batch, so it stays a few seconds of link time on slow links.
@@ -118,9 +123,9 @@ def _sendable(config: Config, now: Optional[datetime]) -> tuple[str, tuple]:
     without_ai = [d["name"] for d in config["destinations"] if not d["attach_ai_results"]]
     ready = f"AND (o.destination IN ({', '.join('?' * len(without_ai))}) OR {STUDY_READY})" if without_ai \
         else f"AND {STUDY_READY}"
-    where = (f"o.state IN {ACTIVE} AND o.destination IN ({', '.join('?' * len(open_dests))}) "
+    where = (f"o.state {_ACTIVE_IN} AND o.destination IN ({', '.join('?' * len(open_dests))}) "
              f"AND o.next_attempt_at <= ? AND COALESCE(d.next_attempt_at, '') <= ? {ready}")
-    return where, (*open_dests, stamp, stamp, *without_ai)
+    return where, (*words(OUTBOX_ACTIVE), *open_dests, stamp, stamp, *without_ai, *STUDY_READY_PARAMS)
 
 
 def claim_batch(database: Database, config: Config, now: Optional[datetime] = None,
@@ -146,9 +151,9 @@ def claim_batch(database: Database, config: Config, now: Optional[datetime] = No
                 chosen.append(int(item_id))
                 total += int(nbytes)
         stamp = utc_now()
-        tx.execute(f"UPDATE outbox_items SET state = CASE WHEN state = 'queued' THEN 'sending' ELSE state END, "
+        tx.execute(f"UPDATE outbox_items SET state = CASE WHEN state = ? THEN ? ELSE state END, "
                    f"attempts = attempts + 1, updated_at = ? WHERE id IN ({', '.join('?' * len(chosen))})",
-                   (stamp, *chosen))
+                   (OutboxState.QUEUED.value, OutboxState.SENDING.value, stamp, *chosen))
     return [item for item in (get_item(database, i) for i in chosen) if item is not None]
 
 
@@ -163,19 +168,22 @@ def get_item(database: Database, item_id: int) -> Optional[dict[str, Any]]:
     return rows[0] if rows else None
 
 
-def instances(database: Database, item_id: int, states: tuple[str, ...] = ("pending", "sent")) -> list[dict[str, Any]]:
+def instances(database: Database, item_id: int,
+              states: tuple[str, ...] = OUTBOX_INSTANCE_OPEN) -> list[dict[str, Any]]:
+    """The item's instances in ``states``, the modality's own ones first."""
     return database.query(
         f"SELECT o.*, i.file_path, i.sop_class_uid, i.transfer_syntax, i.source FROM outbox_instances o "
         f"JOIN instances i ON i.sop_instance_uid = o.sop_instance_uid WHERE o.item_id = ? "
-        f"AND o.state IN ({', '.join('?' * len(states))}) ORDER BY i.source != 'dicom', o.rowid",
-        (item_id, *states))
+        f"AND o.state IN ({marks(states)}) ORDER BY i.source != ?, o.rowid",
+        (item_id, *(str(x) for x in states), Source.DICOM.value))
 
 
 def supersede_instance(tx: Any, sop_instance_uid: str, reason: str, now: str) -> None:
     """Inside ``tx``: entries of ``sop_instance_uid`` not yet confirmed become ``superseded``
     (never sent): the instance was retired while queued."""
-    tx.execute("UPDATE outbox_instances SET state = 'superseded', reason = ?, updated_at = ? "
-               "WHERE sop_instance_uid = ? AND state IN ('pending', 'sent')", (reason, now, sop_instance_uid))
+    tx.execute(f"UPDATE outbox_instances SET state = ?, reason = ?, updated_at = ? "
+               f"WHERE sop_instance_uid = ? AND state IN ({marks(OUTBOX_INSTANCE_OPEN)})",
+               (OutboxInstanceState.SUPERSEDED.value, reason, now, sop_instance_uid, *words(OUTBOX_INSTANCE_OPEN)))
 
 
 def set_remote_study(database: Database, item_id: int, remote_study_uid: str) -> None:
@@ -194,60 +202,62 @@ def mark_instances(database: Database, item_id: Optional[int], updates: list[dic
                 "UPDATE outbox_instances SET state = ?, remote_sop_instance_uid = COALESCE(?, remote_sop_instance_uid), "
                 "bytes_sent = COALESCE(?, bytes_sent), transfer_syntax_sent = COALESCE(?, transfer_syntax_sent), "
                 "reason = COALESCE(?, reason), updated_at = ? WHERE item_id = ? AND sop_instance_uid = ?",
-                (u["state"], u.get("remote_sop_instance_uid"), u.get("bytes_sent"), u.get("transfer_syntax_sent"),
+                (OutboxInstanceState(u["state"]).value, u.get("remote_sop_instance_uid"), u.get("bytes_sent"), u.get("transfer_syntax_sent"),
                  u.get("reason"), now, u.get("item_id", item_id), u["sop_instance_uid"]))
 
 
 def confirm_present(database: Database, item_id: int, remote_present: set[str]) -> int:
     """Mark confirmed every instance whose remote UID the hub lists; the rest that were ``sent``
     go back to ``pending``.  Returns how many are confirmed now."""
-    rows = instances(database, item_id, ("pending", "sent"))
+    rows = instances(database, item_id, OUTBOX_INSTANCE_OPEN)
     now = utc_now()
+    update = "UPDATE outbox_instances SET state = ?, updated_at = ? WHERE item_id = ? AND sop_instance_uid = ?"
     with database.atomic() as tx:
         for r in rows:
             if r["remote_sop_instance_uid"] and r["remote_sop_instance_uid"] in remote_present:
-                tx.execute("UPDATE outbox_instances SET state = 'confirmed', updated_at = ? WHERE item_id = ? AND "
-                           "sop_instance_uid = ?", (now, item_id, r["sop_instance_uid"]))
-            elif r["state"] == "sent":
-                tx.execute("UPDATE outbox_instances SET state = 'pending', updated_at = ? WHERE item_id = ? AND "
-                           "sop_instance_uid = ?", (now, item_id, r["sop_instance_uid"]))
-        return int(tx.execute("SELECT COUNT(*) FROM outbox_instances WHERE item_id = ? AND state = 'confirmed'",
-                              (item_id,)).fetchone()[0])
+                tx.execute(update, (OutboxInstanceState.CONFIRMED.value, now, item_id, r["sop_instance_uid"]))
+            elif r["state"] == OutboxInstanceState.SENT:
+                tx.execute(update, (OutboxInstanceState.PENDING.value, now, item_id, r["sop_instance_uid"]))
+        return int(tx.execute("SELECT COUNT(*) FROM outbox_instances WHERE item_id = ? AND state = ?",
+                              (item_id, OutboxInstanceState.CONFIRMED.value)).fetchone()[0])
 
 
 def settle(database: Database, item_id: int, attach_ai_results: bool = False) -> str:
-    """Move the item to the state its instances imply and return it; on confirmation mark the
-    study 'sent' (once every item of the study is confirmed), with an event and an audit entry.
+    """Move the item to the state its instances imply and return it; on confirmation the study
+    gets its ``sent`` event (once every item of the study is confirmed or cancelled), with an
+    event and an audit entry.
     For a destination that takes the AI results, these record what AI output failed and so was
     not sent (``notes``)."""
     now = utc_now()
     with database.atomic() as tx:
         item = dict(zip(("state", "study_uid", "destination", "requested_by"), tx.execute(
             "SELECT state, study_uid, destination, requested_by FROM outbox_items WHERE id = ?", (item_id,)).fetchone()))
-        if item["state"] not in ACTIVE:
+        if item["state"] not in OUTBOX_ACTIVE:
             return str(item["state"])
         counts = dict(tx.execute("SELECT state, COUNT(*) FROM outbox_instances WHERE item_id = ? GROUP BY state",
                                  (item_id,)).fetchall())
-        if counts.get("pending"):
-            state = "sending"
-        elif counts.get("sent"):
-            state = "delivered"
-        elif counts.get("refused") or counts.get("blocked"):
-            state = "failed"
+        not_sent = sum(counts.get(s.value) or 0 for s in OUTBOX_INSTANCE_NOT_SENT)
+        if counts.get(OutboxInstanceState.PENDING.value):
+            state = OutboxState.SENDING
+        elif counts.get(OutboxInstanceState.SENT.value):
+            state = OutboxState.DELIVERED
+        elif not_sent:
+            state = OutboxState.FAILED
         else:
-            state = "confirmed"
+            state = OutboxState.CONFIRMED
         reason = ""
-        if state == "failed":
-            reasons = [r[0] for r in tx.execute("SELECT DISTINCT reason FROM outbox_instances WHERE item_id = ? AND "
-                                                "state IN ('refused', 'blocked')", (item_id,))]
-            n = (counts.get("refused") or 0) + (counts.get("blocked") or 0)
-            reason = f"{n} of {sum(counts.values())} instances not sent: " + "; ".join(reasons)
+        if state == OutboxState.FAILED:
+            reasons = [r[0] for r in tx.execute(f"SELECT DISTINCT reason FROM outbox_instances WHERE item_id = ? AND "
+                                                f"state IN ({marks(OUTBOX_INSTANCE_NOT_SENT)})",
+                                                (item_id, *words(OUTBOX_INSTANCE_NOT_SENT)))]
+            reason = f"{not_sent} of {sum(counts.values())} instances not sent: " + "; ".join(reasons)
+        confirmed = state == OutboxState.CONFIRMED
         tx.execute("UPDATE outbox_items SET state = ?, reason = ?, updated_at = ?, "
-                   "confirmed_at = CASE WHEN ? = 'confirmed' THEN ? ELSE confirmed_at END WHERE id = ?",
-                   (state, reason, now, state, now, item_id))
-        if state in ("confirmed", "failed"):
-            detail = {"destination": item["destination"], "outbox_item": item_id, "state": state,
-                      "instances": counts.get("confirmed", 0)}
+                   "confirmed_at = CASE WHEN ? THEN ? ELSE confirmed_at END WHERE id = ?",
+                   (state.value, reason, now, confirmed, now, item_id))
+        if state in (OutboxState.CONFIRMED, OutboxState.FAILED):
+            detail = {"destination": item["destination"], "outbox_item": item_id, "state": state.value,
+                      "instances": counts.get(OutboxInstanceState.CONFIRMED.value, 0)}
             if reason:
                 detail["reason"] = reason
             notes = failure_notes(study_failures(database, [item["study_uid"]]).get(item["study_uid"], [])) \
@@ -255,17 +265,16 @@ def settle(database: Database, item_id: int, attach_ai_results: bool = False) ->
             if notes:
                 detail["notes"] = notes
             tx.execute("INSERT INTO events (at, kind, study_uid, detail) VALUES (?, ?, ?, ?)",
-                       (now, "forwarded" if state == "confirmed" else "forward_failed", item["study_uid"],
+                       (now, "forwarded" if confirmed else "forward_failed", item["study_uid"],
                         json.dumps(detail)))
-            audit.record_tx(tx, item["requested_by"], "forwarded" if state == "confirmed" else "forward_failed",
+            audit.record_tx(tx, item["requested_by"], "forwarded" if confirmed else "forward_failed",
                             item["study_uid"], detail)
-        if state == "confirmed":
-            open_items = tx.execute("SELECT COUNT(*) FROM outbox_items WHERE study_uid = ? AND state NOT IN "
-                                    "('confirmed', 'cancelled')", (item["study_uid"],)).fetchone()[0]
+        if confirmed:
+            open_items = tx.execute(f"SELECT COUNT(*) FROM outbox_items WHERE study_uid = ? AND state NOT IN "
+                                    f"({marks(OUTBOX_DONE)})", (item["study_uid"], *words(OUTBOX_DONE))).fetchone()[0]
             if not open_items:
-                tx.execute("UPDATE studies SET state = 'sent' WHERE study_uid = ? AND state != 'report_received'",
-                           (item["study_uid"],))
-    return state
+                lifecycle.move_study(tx, item["study_uid"], StudyEvent.SENT)
+    return state.value
 
 
 def note_failure(database: Database, item_ids: int | list[int], destination: str, error: str, cap_s: float) -> float:
@@ -306,10 +315,15 @@ def cancel_item(database: Database, item_id: int, actor: str = "system") -> None
         row = tx.execute("SELECT state, study_uid FROM outbox_items WHERE id = ?", (item_id,)).fetchone()
         if row is None:
             raise ForwardRequestError(f"no outbox item {item_id}")
-        if row[0] in ("confirmed", "cancelled"):
+        if row[0] in OUTBOX_DONE:
             raise ForwardRequestError(f"outbox item {item_id} is already {row[0]}")
-        tx.execute("UPDATE outbox_items SET state = 'cancelled', updated_at = ? WHERE id = ?", (utc_now(), item_id))
+        tx.execute("UPDATE outbox_items SET state = ?, updated_at = ? WHERE id = ?",
+                   (OutboxState.CANCELLED.value, utc_now(), item_id))
         audit.record_tx(tx, actor, "forward_cancel", row[1], {"outbox_item": item_id})
+
+
+# Items a retry queues again (a waiting active item is only tried at once).
+RETRIED = (OutboxState.FAILED, OutboxState.CANCELLED)
 
 
 def retry_item(database: Database, item_id: int, actor: str = "system") -> None:
@@ -320,16 +334,19 @@ def retry_item(database: Database, item_id: int, actor: str = "system") -> None:
         if row is None:
             raise ForwardRequestError(f"no outbox item {item_id}")
         state, study_uid, destination = row
-        if state == "confirmed":
+        if state == OutboxState.CONFIRMED:
             raise ForwardRequestError(f"outbox item {item_id} is already confirmed")
-        if state in ("failed", "cancelled"):
-            clash = tx.execute(f"SELECT id FROM outbox_items WHERE study_uid = ? AND destination = ? AND state IN "
-                               f"{ACTIVE} AND id != ?", (study_uid, destination, item_id)).fetchone()
+        if state in RETRIED:
+            clash = tx.execute(f"SELECT id FROM outbox_items WHERE study_uid = ? AND destination = ? AND state "
+                               f"{_ACTIVE_IN} AND id != ?",
+                               (study_uid, destination, *words(OUTBOX_ACTIVE), item_id)).fetchone()
             if clash:
                 raise ForwardRequestError(f"outbox item {clash[0]} already sends this study to {destination}")
-            tx.execute("UPDATE outbox_instances SET state = 'pending', reason = '', updated_at = ? WHERE item_id = ? "
-                       "AND state IN ('refused', 'blocked')", (now, item_id))
-        tx.execute("UPDATE outbox_items SET state = CASE WHEN state IN ('failed', 'cancelled') THEN 'queued' "
-                   "ELSE state END, reason = '', next_attempt_at = '', updated_at = ? WHERE id = ?", (now, item_id))
+            tx.execute(f"UPDATE outbox_instances SET state = ?, reason = '', updated_at = ? WHERE item_id = ? "
+                       f"AND state IN ({marks(OUTBOX_INSTANCE_NOT_SENT)})",
+                       (OutboxInstanceState.PENDING.value, now, item_id, *words(OUTBOX_INSTANCE_NOT_SENT)))
+        tx.execute(f"UPDATE outbox_items SET state = CASE WHEN state IN ({marks(RETRIED)}) THEN ? "
+                   f"ELSE state END, reason = '', next_attempt_at = '', updated_at = ? WHERE id = ?",
+                   (*words(RETRIED), OutboxState.QUEUED.value, now, item_id))
         tx.execute("UPDATE destination_state SET next_attempt_at = '' WHERE name = ?", (destination,))
         audit.record_tx(tx, actor, "forward_retry", study_uid, {"outbox_item": item_id})

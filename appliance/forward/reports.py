@@ -17,9 +17,10 @@ from typing import Any, Callable, Optional
 
 from pydicom.dataset import Dataset
 
-from .. import audit
+from .. import audit, lifecycle
 from ..config import Config
 from ..db import Database
+from ..lifecycle import OutboxState, Source, StudyEvent, marks, words
 from ..store import InstanceStore, StoreOutcome, parse_part10, utc_now
 from .deid import UidMap
 from .errors import ForwardRequestError
@@ -32,6 +33,10 @@ ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 DEID_ATTRIBUTES = ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence")
 
 
+# Items whose study may be on the destination (and so have reports there).
+POLLED = (OutboxState.SENDING, OutboxState.DELIVERED, OutboxState.CONFIRMED)
+
+
 def is_report_class(sop_class_uid: str) -> bool:
     return sop_class_uid.startswith(SR_PREFIX) or sop_class_uid == ENCAPSULATED_PDF
 
@@ -39,8 +44,8 @@ def is_report_class(sop_class_uid: str) -> bool:
 def poll(database: Database, store: InstanceStore, uids: UidMap, dest: dict[str, Any], peer: Any) -> int:
     """Fetch new reports from a DICOMweb destination for every study sent there; returns the count."""
     studies = database.query(
-        "SELECT DISTINCT remote_study_uid FROM outbox_items WHERE destination = ? AND remote_study_uid != '' "
-        "AND state IN ('sending', 'delivered', 'confirmed')", (dest["name"],))
+        f"SELECT DISTINCT remote_study_uid FROM outbox_items WHERE destination = ? AND remote_study_uid != '' "
+        f"AND state IN ({marks(POLLED)})", (dest["name"], *words(POLLED)))
     fetched = 0
     try:
         for study in studies:
@@ -96,7 +101,7 @@ def ingest(database: Database, store: InstanceStore, uids: UidMap, data: bytes, 
         if keyword in ds:
             delattr(ds, keyword)
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    outcome = store.store(encode(ds), calling_ae=destination, source="report")
+    outcome = store.store(encode(ds), calling_ae=destination, source=Source.REPORT)
     text = report_text(ds)
     now = utc_now()
     detail = {"destination": destination, "sop_instance_uid": outcome.sop_instance_uid, "via": via}
@@ -104,7 +109,7 @@ def ingest(database: Database, store: InstanceStore, uids: UidMap, data: bytes, 
         tx.execute("INSERT OR IGNORE INTO forward_reports (sop_instance_uid, study_uid, destination, sop_class_uid, "
                    "received_via, text, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                    (outcome.sop_instance_uid, original_study, destination, str(ds.SOPClassUID), via, text, now))
-        tx.execute("UPDATE studies SET state = 'report_received' WHERE study_uid = ?", (original_study,))
+        lifecycle.move_study(tx, original_study, StudyEvent.REPORT_RECEIVED)
         tx.execute("INSERT INTO events (at, kind, study_uid, detail) VALUES (?, 'report', ?, ?)",
                    (now, original_study, json.dumps(detail)))
         audit.record_tx(tx, "system", "report_received", original_study, detail)

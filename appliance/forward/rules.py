@@ -14,21 +14,23 @@ import logging
 
 from ..config import Config
 from ..db import Database
+from ..lifecycle import JOB_OUTSTANDING, StudyState, marks, words
 from .outbox import request_forward
 
 log = logging.getLogger(__name__)
 
 SCAN_LIMIT = 500
 NO_OUTSTANDING_ANALYSIS = ("NOT EXISTS (SELECT 1 FROM analysis_jobs j WHERE j.study_uid = s.study_uid "
-                           "AND j.state IN ('pending', 'running'))")
-# when -> the condition a study must meet (alias s = studies).
-CONDITIONS = {
+                           f"AND j.state IN ({marks(JOB_OUTSTANDING)}))")
+# when -> the condition a study must meet (alias s = studies) and its parameters.
+CONDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     # Urgent as soon as the study's images are analyzed: no waiting for the study to settle.
-    "urgent": f"s.priority = 'urgent' AND {NO_OUTSTANDING_ANALYSIS}",
-    "reviewed": "(s.state = 'reviewed' OR EXISTS (SELECT 1 FROM reviews r WHERE r.study_uid = s.study_uid))",
+    "urgent": (f"s.priority = ? AND {NO_OUTSTANDING_ANALYSIS}", ("urgent", *words(JOB_OUTSTANDING))),
+    "reviewed": ("(s.state = ? OR EXISTS (SELECT 1 FROM reviews r WHERE r.study_uid = s.study_uid))",
+                 (StudyState.REVIEWED.value,)),
     # Analyzed and settled (no new image for analyze.study_quiet_s), so the whole study goes at once.
-    "analyzed": f"s.settled_at != '' AND {NO_OUTSTANDING_ANALYSIS} AND EXISTS (SELECT 1 FROM analysis_jobs j "
-                f"WHERE j.study_uid = s.study_uid)",
+    "analyzed": (f"s.settled_at != '' AND {NO_OUTSTANDING_ANALYSIS} AND EXISTS (SELECT 1 FROM analysis_jobs j "
+                 f"WHERE j.study_uid = s.study_uid)", words(JOB_OUTSTANDING)),
 }
 
 
@@ -36,10 +38,11 @@ def evaluate(database: Database, config: Config) -> int:
     """Queue every study that matches a rule and has no item for its destination yet."""
     created = 0
     for rule in config["forward_rules"]:
+        condition, params = CONDITIONS[rule["when"]]
         rows = database.query(
-            f"SELECT s.study_uid FROM studies s WHERE {CONDITIONS[rule['when']]} AND NOT EXISTS "
+            f"SELECT s.study_uid FROM studies s WHERE {condition} AND NOT EXISTS "
             f"(SELECT 1 FROM outbox_items o WHERE o.study_uid = s.study_uid AND o.destination = ?) "
-            f"ORDER BY s.priority_rank, s.first_received_at LIMIT {SCAN_LIMIT}", (rule["to"],))
+            f"ORDER BY s.priority_rank, s.first_received_at LIMIT ?", (*params, rule["to"], SCAN_LIMIT))
         for row in rows:
             request_forward(database, config, row["study_uid"], rule["to"], rule["priority"],
                             requested_by="system", origin=f"rule:{rule['when']}")

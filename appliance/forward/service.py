@@ -27,6 +27,7 @@ import pydicom.errors
 from ..background import BackgroundService
 from ..config import Config
 from ..db import Database
+from ..lifecycle import OUTBOX_ACTIVE, OutboxInstanceState, OutboxState, marks, words
 from ..store import InstanceStore
 from . import outbox, reports, rules
 from .deid import UidMap, deidentify
@@ -159,14 +160,14 @@ class Forwarder(BackgroundService):
             for item in items:
                 rows = outbox.instances(self.db, item["id"])
                 self._assign_remote_uids(item, rows, dest)
-                if item["attempts"] > 1 or any(r["state"] == "sent" for r in rows):
+                if item["attempts"] > 1 or any(r["state"] == OutboxInstanceState.SENT for r in rows):
                     recheck.append(item["id"])
             if recheck:
                 self._confirm(peer, recheck, remote)
             owner: dict[str, int] = {}
             todo: list[Outgoing] = []
             for item in items:
-                for r in outbox.instances(self.db, item["id"], ("pending",)):
+                for r in outbox.instances(self.db, item["id"], (OutboxInstanceState.PENDING,)):
                     owner[r["sop_instance_uid"]] = item["id"]
                     todo.append(self._outgoing(r, dest))
             stopped = False
@@ -193,7 +194,7 @@ class Forwarder(BackgroundService):
             peer.close()
             raise
         states = {i: outbox.settle(self.db, i, dest["attach_ai_results"]) for i in ids}
-        unlisted = [i for i, state in states.items() if state in ("sending", "delivered")]
+        unlisted = [i for i, state in states.items() if state in (OutboxState.SENDING, OutboxState.DELIVERED)]
         if unlisted:
             # Acknowledged but not listed by the hub: not confirmed, so try again later.
             outbox.note_failure(self.db, unlisted, dest["name"],
@@ -208,8 +209,8 @@ class Forwarder(BackgroundService):
         present = peer.present([remote[i] for i in item_ids])
         confirmed = 0
         for i in item_ids:
-            if len(item_ids) > 1 and any(r["state"] == "sent" and r["remote_sop_instance_uid"] not in present
-                                         for r in outbox.instances(self.db, i, ("sent",))):
+            if len(item_ids) > 1 and any(r["remote_sop_instance_uid"] not in present
+                                         for r in outbox.instances(self.db, i, (OutboxInstanceState.SENT,))):
                 present |= peer.present([remote[i]])
             confirmed += outbox.confirm_present(self.db, i, present)
         return confirmed
@@ -217,14 +218,15 @@ class Forwarder(BackgroundService):
     def _interrupted(self, items: list[dict[str, Any]]) -> bool:
         """An item cancelled meanwhile, or a routine batch with an urgent item waiting."""
         ids = [item["id"] for item in items]
-        marks = ", ".join("?" * len(ids))
-        active = self.db.query(f"SELECT COUNT(*) AS n FROM outbox_items WHERE id IN ({marks}) "
-                               f"AND state IN {outbox.ACTIVE}", tuple(ids))[0]["n"]
+        id_marks = marks(ids)
+        active_in = f"state IN ({marks(OUTBOX_ACTIVE)})"
+        active = self.db.query(f"SELECT COUNT(*) AS n FROM outbox_items WHERE id IN ({id_marks}) AND {active_in}",
+                               (*ids, *words(OUTBOX_ACTIVE)))[0]["n"]
         if active < len(ids):
             return True
         if min(item["priority_rank"] for item in items) > 0:
-            urgent = self.db.query(f"SELECT 1 FROM outbox_items WHERE state IN {outbox.ACTIVE} AND priority_rank = 0 "
-                                   f"AND id NOT IN ({marks}) LIMIT 1", tuple(ids))
+            urgent = self.db.query(f"SELECT 1 FROM outbox_items WHERE {active_in} AND priority_rank = 0 "
+                                   f"AND id NOT IN ({id_marks}) LIMIT 1", (*words(OUTBOX_ACTIVE), *ids))
             return bool(urgent)
         return False
 
@@ -263,6 +265,6 @@ class Forwarder(BackgroundService):
              "bytes_sent": o.bytes_sent, "transfer_syntax_sent": o.transfer_syntax, "reason": o.reason}
             for o in outcomes])
         for o in outcomes:
-            if o.state != "sent":
+            if o.state != OutboxInstanceState.SENT:
                 log.warning("outbox item %d: instance %s %s: %s", owner[o.sop_instance_uid], o.sop_instance_uid,
                             o.state, o.reason)

@@ -6,10 +6,14 @@ from typing import Any
 from ..catalog import failure_notes, study_failures
 from ..config import Config
 from ..db import Database
-from .outbox import ACTIVE, CLINIC_SOURCES
+from ..lifecycle import (OUTBOX_ACTIVE, OUTBOX_DONE, OUTBOX_INSTANCE_OPEN, OutboxInstanceState, OutboxState, Source,
+                         forwarded_sql, marks, words)
 
 SCHEMA_VERSION = 1
-INSTANCE_STATES = ("pending", "sent", "confirmed", "refused", "blocked")
+# The per-state instance counts of `appliance outbox --json` (superseded ones are not counted).
+INSTANCE_STATES = words((OutboxInstanceState.PENDING, OutboxInstanceState.SENT, OutboxInstanceState.CONFIRMED,
+                         OutboxInstanceState.REFUSED, OutboxInstanceState.BLOCKED))
+_ACTIVE_IN = f"IN ({marks(OUTBOX_ACTIVE)})"  # with the parameters words(OUTBOX_ACTIVE)
 
 
 def _unlisted(database: Database, where: str, params: tuple[Any, ...],
@@ -21,16 +25,19 @@ def _unlisted(database: Database, where: str, params: tuple[Any, ...],
     added at each attempt), so a queue that waits for a send window or a hub that is down would
     otherwise show nothing pending.  They are pending: the next attempt sends them.  AI objects
     count for ``ai_destinations`` (those with attach_ai_results); None = unknown, not counted.
+    The instances are chosen by kind, as the outbox chooses them
+    (:func:`appliance.lifecycle.forwarded_sql`).
     """
     ai = ai_destinations or []
-    with_ai = f" OR (i.source = 'ai' AND o.destination IN ({', '.join('?' * len(ai))}))" if ai else ""
+    forwarded, forwarded_params = forwarded_sql("i.source", False)
+    with_ai = f" OR (i.source = ? AND o.destination IN ({marks(ai)}))" if ai else ""
     rows = database.query(
         f"SELECT o.id AS item_id, COUNT(*) AS n, COALESCE(SUM(i.size), 0) AS size FROM outbox_items o "
-        f"JOIN instances i ON i.study_uid = o.study_uid WHERE {where} AND o.state IN {ACTIVE} "
-        f"AND (i.source IN ({', '.join('?' * len(CLINIC_SOURCES))}){with_ai}) "
+        f"JOIN instances i ON i.study_uid = o.study_uid WHERE {where} AND o.state {_ACTIVE_IN} "
+        f"AND ({forwarded}{with_ai}) "
         f"AND NOT EXISTS (SELECT 1 FROM outbox_instances b WHERE b.item_id = o.id "
         f"AND b.sop_instance_uid = i.sop_instance_uid) GROUP BY o.id",
-        (*params, *CLINIC_SOURCES, *ai))
+        (*params, *words(OUTBOX_ACTIVE), *forwarded_params, *((Source.AI.value, *ai) if ai else ())))
     return {r["item_id"]: (int(r["n"]), int(r["size"])) for r in rows}
 
 
@@ -52,9 +59,9 @@ def _with_counts(database: Database, items: list[dict[str, Any]],
                                                "bytes_sent": 0, "bytes_pending": 0})
         c["instances"][row["state"]] = row["n"]
         c["bytes_original"] += row["original"] or 0
-        if row["state"] in ("sent", "confirmed"):
+        if row["state"] in (OutboxInstanceState.SENT, OutboxInstanceState.CONFIRMED):
             c["bytes_sent"] += row["sent"] or 0
-        if row["state"] == "pending":
+        if row["state"] == OutboxInstanceState.PENDING:
             c["bytes_pending"] += row["original"] or 0
     unlisted = _unlisted(database, f"o.id IN ({marks})", tuple(ids), _ai_destinations(config))
     out = []
@@ -81,11 +88,11 @@ def list_items(database: Database, include_done: bool = False, config: Config | 
     """Outbox items, most pressing first: active and failed ones, plus confirmed and cancelled
     ones when ``include_done``.  With ``config``, the AI objects a waiting item will also send
     count as pending."""
-    states = ACTIVE + ("failed",) + (("confirmed", "cancelled") if include_done else ())
+    states = words((*OUTBOX_ACTIVE, OutboxState.FAILED, *(OUTBOX_DONE if include_done else ())))
     items = database.query(
         f"SELECT o.*, MAX(o.next_attempt_at, COALESCE(d.next_attempt_at, '')) AS next_retry FROM outbox_items o "
-        f"LEFT JOIN destination_state d ON d.name = o.destination WHERE o.state IN ({', '.join('?' * len(states))}) "
-        f"ORDER BY o.state IN ('confirmed', 'cancelled'), o.priority_rank, o.id", states)
+        f"LEFT JOIN destination_state d ON d.name = o.destination WHERE o.state IN ({marks(states)}) "
+        f"ORDER BY o.state IN ({marks(OUTBOX_DONE)}), o.priority_rank, o.id", (*states, *words(OUTBOX_DONE)))
     return _with_counts(database, items, config)
 
 
@@ -107,10 +114,9 @@ def study_forwarding(database: Database, study_uid: str, config: Config | None =
     notes = failure_notes(study_failures(database, [study_uid]).get(study_uid, []))
     for entry in out:
         entry["notes"] = notes if ai_destinations is None or entry["destination"] in ai_destinations else []
-        if entry["state"] in ("confirmed", "failed", "cancelled"):
+        if entry["state"] not in OUTBOX_ACTIVE:
             entry["next_attempt_at"] = ""
-        if entry["state"] not in ACTIVE:
-            entry["last_error"] = entry["last_error"] if entry["state"] == "failed" else ""
+            entry["last_error"] = entry["last_error"] if entry["state"] == OutboxState.FAILED else ""
     return out
 
 
@@ -122,16 +128,17 @@ def destination_status(database: Database, config: Config) -> list[dict[str, Any
         name = dest["name"]
         state = database.query("SELECT * FROM destination_state WHERE name = ?", (name,))
         st = state[0] if state else {}
-        queue = database.query(
-            f"SELECT COUNT(*) AS n FROM outbox_items WHERE destination = ? AND state IN {ACTIVE}", (name,))[0]["n"]
+        queue = database.query(f"SELECT COUNT(*) AS n FROM outbox_items WHERE destination = ? AND state {_ACTIVE_IN}",
+                               (name, *words(OUTBOX_ACTIVE)))[0]["n"]
         pending = database.query(
             f"SELECT COALESCE(SUM(b.bytes_original), 0) AS n FROM outbox_instances b JOIN outbox_items o ON "
-            f"o.id = b.item_id WHERE o.destination = ? AND o.state IN {ACTIVE} AND b.state IN ('pending', 'sent')",
-            (name,))[0]["n"]
+            f"o.id = b.item_id WHERE o.destination = ? AND o.state {_ACTIVE_IN} "
+            f"AND b.state IN ({marks(OUTBOX_INSTANCE_OPEN)})",
+            (name, *words(OUTBOX_ACTIVE), *words(OUTBOX_INSTANCE_OPEN)))[0]["n"]
         pending += sum(size for _, size in _unlisted(database, "o.destination = ?", (name,),
                                                      _ai_destinations(config)).values())
-        failed = database.query("SELECT COUNT(*) AS n FROM outbox_items WHERE destination = ? AND state = 'failed'",
-                                (name,))[0]["n"]
+        failed = database.query("SELECT COUNT(*) AS n FROM outbox_items WHERE destination = ? AND state = ?",
+                                (name, OutboxState.FAILED.value))[0]["n"]
         out.append({
             "name": name, "kind": dest["kind"], "deidentify": dest["deidentify"], "compress": dest["compress"],
             "send_window": dest["send_window"], "queue_length": queue, "failed_items": failed,

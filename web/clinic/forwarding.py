@@ -12,20 +12,25 @@ from flask import current_app
 from flask_babel import gettext as _
 
 from appliance.forward import destination_status, study_forwarding, study_reports
+from appliance.lifecycle import OUTBOX_ACTIVE, OutboxState, marks, words
 from web.core.formatting import human_bytes, local_time
 
 # The buttons offered per item state.  The backend would also cancel a ``delivered`` item or
 # retry a waiting one at once, but on the touchscreen those are more confusing than useful:
 # a delivered item only waits for the hub to list it.
-CANCELLABLE = ("queued", "sending", "failed")
-RETRYABLE = ("failed", "cancelled")
+CANCELLABLE = (OutboxState.QUEUED, OutboxState.SENDING, OutboxState.FAILED)
+RETRYABLE = (OutboxState.FAILED, OutboxState.CANCELLED)
 # Items still trying: their last transient error and next retry are worth showing.
-TRYING = ("queued", "sending", "delivered")
+TRYING = OUTBOX_ACTIVE
+# The item states the status screen counts.
+COUNTED = (*OUTBOX_ACTIVE, OutboxState.FAILED)
 
 
 def state_words(state: str) -> str:
-    return {"queued": _("Queued"), "sending": _("Sending"), "delivered": _("Delivered, awaiting confirmation"),
-            "confirmed": _("Sent and confirmed"), "failed": _("Failed"), "cancelled": _("Cancelled")}.get(state, state)
+    return {OutboxState.QUEUED: _("Queued"), OutboxState.SENDING: _("Sending"),
+            OutboxState.DELIVERED: _("Delivered, awaiting confirmation"),
+            OutboxState.CONFIRMED: _("Sent and confirmed"), OutboxState.FAILED: _("Failed"),
+            OutboxState.CANCELLED: _("Cancelled")}.get(state, state)
 
 
 def _when(iso: str) -> str:
@@ -58,9 +63,9 @@ def study_report_list(database: Any, study_uid: str) -> list[dict[str, Any]]:
 def outbox_depth(database: Any) -> dict[str, int]:
     """Items per state the status screen shows (delivered ones wait for the hub's listing)."""
     counts = {r["state"]: r["n"] for r in database.query(
-        "SELECT state, COUNT(*) AS n FROM outbox_items WHERE state IN ('queued', 'sending', 'delivered', 'failed') "
-        "GROUP BY state")}
-    return {state: int(counts.get(state, 0)) for state in ("queued", "sending", "delivered", "failed")}
+        f"SELECT state, COUNT(*) AS n FROM outbox_items WHERE state IN ({marks(COUNTED)}) GROUP BY state",
+        words(COUNTED))}
+    return {state: int(counts.get(state, 0)) for state in words(COUNTED)}
 
 
 def destinations_overview(database: Any, config: Any) -> list[dict[str, Any]]:

@@ -12,13 +12,14 @@ from typing import Any, Iterable
 from flask_babel import gettext as _
 
 from appliance import triage
+from appliance.lifecycle import (JOB_OUTSTANDING, OUTBOX_ACTIVE, JobState, OutboxState, ResultStatus, StudyState,
+                                 clinical_sql, words)
+from appliance.lifecycle import marks as lifecycle_marks
 from web.core.formatting import age, local_time, patient_name
 
 PRIORITIES = ("urgent", "review", "routine", "not_analyzed")
-# The study states of README ("appliance studies --json"), in the order a case moves through them.
-STATES = ("received", "analyzed", "reviewed", "sent", "report_received")
-# Outbox item states that mean "on its way" (appliance.forward.outbox.ACTIVE).
-OUTBOX_PENDING = ("queued", "sending", "delivered")
+# The study states (appliance.lifecycle), in the order a case moves through them.
+STATES = StudyState.values()
 ROUTER = "router"
 # Larger page numbers are read as this one (then clamped to the last page): no arithmetic on,
 # or SQL parameter from, a number with thirty digits.
@@ -50,14 +51,15 @@ def priority_words(priority: str) -> str:
 
 
 def state_words(state: str) -> str:
-    return {"received": _("Received"), "analyzed": _("Analysed"), "reviewed": _("Reviewed"),
-            "sent": _("Sent"), "report_received": _("Report back")}.get(state, state)
+    return {StudyState.RECEIVED: _("Received"), StudyState.ANALYZED: _("Analysed"),
+            StudyState.REVIEWED: _("Reviewed"), StudyState.SENT: _("Sent"),
+            StudyState.REPORT_RECEIVED: _("Report back")}.get(state, state)
 
 
 def ai_summary(rows: Iterable[dict[str, Any]], outstanding: int, failed_jobs: int) -> dict[str, str]:
     """One line for the worklist: what the AI said about the study, in plain words."""
     rows = triage.current_results(rows)
-    analyzed = [r for r in rows if r["status"] == "analyzed"]
+    analyzed = [r for r in rows if r["status"] == ResultStatus.ANALYZED]
     positives, top = [], 0.0
     for r in analyzed:
         for f in json.loads(r["findings_json"]):
@@ -71,9 +73,9 @@ def ai_summary(rows: Iterable[dict[str, Any]], outstanding: int, failed_jobs: in
         return {"kind": "negative", "text": _("no finding above threshold (highest %(p)s)", p=f"{top:.2f}")}
     if outstanding:
         return {"kind": "pending", "text": _("analysis pending")}
-    if failed_jobs or any(r["status"] == "failed" for r in rows):
+    if failed_jobs or any(r["status"] == ResultStatus.FAILED for r in rows):
         return {"kind": "failed", "text": _("analysis failed")}
-    abstained = [r for r in rows if r["status"] == "abstained"]
+    abstained = [r for r in rows if r["status"] == ResultStatus.ABSTAINED]
     if abstained:
         # A model's own refusal says more than the router's "no model applies".
         chosen = next((r for r in abstained if r["model_id"] != ROUTER), abstained[0])
@@ -117,10 +119,10 @@ def worklist(database: Any, search: str = "", priority: str = "", state: str = "
     if priority in PRIORITIES:
         where.append("s.priority = ?")
         params.append(priority)
-    if state == "sent":
+    if state == StudyState.SENT:
         # Sent, or on its way (the chip reads "Send queued"): anything the outbox holds for it.
-        where.append("(s.state = 'sent' OR s.study_uid IN (SELECT study_uid FROM outbox_items "
-                     "WHERE state != 'cancelled'))")
+        where.append("(s.state = ? OR s.study_uid IN (SELECT study_uid FROM outbox_items WHERE state != ?))")
+        params += [StudyState.SENT.value, OutboxState.CANCELLED.value]
     elif state in STATES:
         where.append("s.state = ?")
         params.append(state)
@@ -146,9 +148,11 @@ def page_details(database: Any, uids: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {u: {"modalities": set(), "results": [], "outstanding": 0, "failed": 0,
                                           "forwards": []} for u in uids}
     marks = _in(uids)
+    clinical, clinical_params = clinical_sql("i.source")
     for r in database.query(
             f"SELECT DISTINCT se.study_uid, se.modality FROM series se WHERE se.study_uid IN ({marks}) AND EXISTS "
-            "(SELECT 1 FROM instances i WHERE i.series_uid = se.series_uid AND i.source != 'ai')", tuple(uids)):
+            f"(SELECT 1 FROM instances i WHERE i.series_uid = se.series_uid AND {clinical})",
+            (*uids, *clinical_params)):
         if r["modality"]:
             out[r["study_uid"]]["modalities"].add(r["modality"])
     for r in database.query(
@@ -156,8 +160,9 @@ def page_details(database: Any, uids: list[str]) -> dict[str, dict[str, Any]]:
             f"FROM analysis_results WHERE study_uid IN ({marks})", tuple(uids)):
         out[r["study_uid"]]["results"].append(r)
     for r in database.query(
-            "SELECT study_uid, SUM(state IN ('pending', 'running')) AS outstanding, SUM(state = 'failed') AS failed "
-            f"FROM analysis_jobs WHERE study_uid IN ({marks}) GROUP BY study_uid", tuple(uids)):
+            f"SELECT study_uid, SUM(state IN ({lifecycle_marks(JOB_OUTSTANDING)})) AS outstanding, SUM(state = ?) AS failed "
+            f"FROM analysis_jobs WHERE study_uid IN ({marks}) GROUP BY study_uid",
+            (*words(JOB_OUTSTANDING), JobState.FAILED.value, *uids)):
         out[r["study_uid"]].update(outstanding=r["outstanding"] or 0, failed=r["failed"] or 0)
     for r in database.query(f"SELECT study_uid, destination, state FROM outbox_items WHERE study_uid IN ({marks}) "
                             "ORDER BY id", tuple(uids)):
@@ -171,17 +176,17 @@ def chips(state: str, forwards: list[dict[str, Any]]) -> list[dict[str, Any]]:
     queued" while one is on its way, "Send failed" when the only ones left failed (the study view
     says why)."""
     reached = {stage: index for index, stage in enumerate(STATES)}.get(state, 0)
-    confirmed = any(f["state"] == "confirmed" for f in forwards)
-    pending = any(f["state"] in OUTBOX_PENDING for f in forwards)
-    failed = any(f["state"] == "failed" for f in forwards)
+    confirmed = any(f["state"] == OutboxState.CONFIRMED for f in forwards)
+    pending = any(f["state"] in OUTBOX_ACTIVE for f in forwards)
+    failed = any(f["state"] == OutboxState.FAILED for f in forwards)
     out = []
     for index, stage in enumerate(STATES):
         label, done = state_words(stage), index <= reached
-        if stage == "sent" and not done and confirmed:
+        if stage == StudyState.SENT and not done and confirmed:
             done = True
-        elif stage == "sent" and not done and pending:
+        elif stage == StudyState.SENT and not done and pending:
             label, done = _("Send queued"), True
-        elif stage == "sent" and not done and failed:
+        elif stage == StudyState.SENT and not done and failed:
             label = _("Send failed")
         out.append({"stage": stage, "label": label, "done": done, "current": index == reached})
     return out

@@ -10,6 +10,7 @@ from flask import Blueprint, current_app, render_template
 
 from appliance.analyze.backends import resolve_backend
 from appliance.errors import ApplianceError
+from appliance.lifecycle import JobState
 
 from web.core.security import database
 
@@ -65,8 +66,7 @@ def health(data_dir: Path, floor_mb: int) -> dict[str, Any]:
 def queues() -> dict[str, Any]:
     db = database()
     jobs = {r["state"]: r["n"] for r in db.query("SELECT state, COUNT(*) AS n FROM analysis_jobs GROUP BY state")}
-    return {"pending": jobs.get("pending", 0), "running": jobs.get("running", 0), "failed": jobs.get("failed", 0),
-            "done": jobs.get("done", 0), "outbox": forwarding.outbox_depth(db)}
+    return {**{state.value: jobs.get(state.value, 0) for state in JobState}, "outbox": forwarding.outbox_depth(db)}
 
 
 def inference() -> dict[str, Any]:

@@ -15,6 +15,7 @@ from appliance.analyze.runner import AI_NOTICE
 from appliance.errors import ConfigError, DecodeError
 from appliance.forward import cancel_item, request_forward, retry_item
 from appliance.forward.errors import ForwardRequestError
+from appliance.lifecycle import OUTBOX_ACTIVE, clinical_sql, marks, words
 from web.core import imaging
 from web.core.formatting import age, local_time, patient_name
 from web.core.security import database, roles_required
@@ -70,11 +71,12 @@ def _results(study_uid: str) -> list[dict[str, Any]]:
 
 
 def _images(study_uid: str, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    clinical, params = clinical_sql("i.source")
     rows = database().query(
         "SELECT i.sop_instance_uid, i.file_path, i.instance_number, i.state, se.modality, se.body_part, "
         "se.description AS series_description FROM instances i JOIN series se ON se.series_uid = i.series_uid "
-        "WHERE i.study_uid = ? AND i.source != 'ai' "
-        "ORDER BY se.series_number, CAST(i.instance_number AS INTEGER), i.sop_instance_uid", (study_uid,))
+        f"WHERE i.study_uid = ? AND {clinical} "
+        "ORDER BY se.series_number, CAST(i.instance_number AS INTEGER), i.sop_instance_uid", (study_uid, *params))
     by_sop: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by_sop.setdefault(r["sop_instance_uid"], []).append(r)
@@ -125,8 +127,9 @@ def _png(path: Path, frame: Any, preset: str) -> Response:
 
 @bp.get("/<study_uid>/image/<sop_uid>.png")
 def image(study_uid: str, sop_uid: str) -> Any:
-    rows = database().query("SELECT file_path FROM instances WHERE sop_instance_uid = ? AND study_uid = ? "
-                            "AND source != 'ai'", (sop_uid, study_uid))
+    clinical, params = clinical_sql("source")
+    rows = database().query(f"SELECT file_path FROM instances WHERE sop_instance_uid = ? AND study_uid = ? "
+                            f"AND {clinical}", (sop_uid, study_uid, *params))
     if not rows:
         abort(404)
     frame = request.args.get("frame", type=int)
@@ -161,8 +164,8 @@ def review(study_uid: str) -> Any:
 
 
 def _active_item(study_uid: str, destination: str) -> Optional[int]:
-    rows = database().query("SELECT id FROM outbox_items WHERE study_uid = ? AND destination = ? AND state IN "
-                            "('queued', 'sending', 'delivered')", (study_uid, destination))
+    rows = database().query(f"SELECT id FROM outbox_items WHERE study_uid = ? AND destination = ? AND state IN "
+                            f"({marks(OUTBOX_ACTIVE)})", (study_uid, destination, *words(OUTBOX_ACTIVE)))
     return int(rows[0]["id"]) if rows else None
 
 
