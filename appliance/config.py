@@ -398,7 +398,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path} is not UTF-8 text (invalid byte at offset {exc.start})") from exc
     try:
-        return tomllib.loads(text)
+        parsed: dict[str, Any] = tomllib.loads(text)
+        return parsed
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     except RecursionError as exc:
@@ -414,7 +415,7 @@ def _table_array(name: str, entries: Any, origin: str) -> list[dict[str, Any]]:
     for i, entry in enumerate(entries):
         where = f"{name}[{i}]"
         for key in entry:
-            if key not in cls.__dataclass_fields__:
+            if key not in _types(cls):
                 raise ConfigError(f"{where}.{key} (from {origin}): unknown key")
         item: dict[str, Any] = {}
         for f in fields(cls):
@@ -517,8 +518,6 @@ def load_config(
     if cli_layer:
         _merge(values, cli_layer, "command line")
         sources.append("command line")
-    return Config(
-        **{name: cls(**values[name]) for name, cls in SECTIONS.items()},
-        **{name: tuple(cls(**entry) for entry in values[name]) for name, cls in TABLE_ARRAYS.items()},
-        sources=tuple(sources),
-    )
+    built: dict[str, Any] = {name: cls(**values[name]) for name, cls in SECTIONS.items()}
+    built.update({name: tuple(cls(**entry) for entry in values[name]) for name, cls in TABLE_ARRAYS.items()})
+    return Config(**built, sources=tuple(sources))

@@ -166,7 +166,7 @@ def _bounds(dotted: str) -> tuple[int, int]:
     from appliance.config import SECTIONS
 
     section, key = dotted.split(".")
-    return SECTIONS[section].__dataclass_fields__[key].metadata["bounds"]
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}[key].metadata["bounds"]
 
 
 def test_every_integer_key_has_bounds_that_admit_its_default():
