@@ -310,3 +310,15 @@ def test_cli_with_a_binary_config_file_says_so_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "configuration error: config file" in lines[0] and "binary file" in lines[0], lines
+
+
+def test_the_forwarding_guide_example_loads_and_names_every_destination_key(tmp_path):
+    """docs/FORWARDING.md's example is a valid site file and mentions every Destination field."""
+    from appliance.config import PROJECT_ROOT
+
+    guide = (PROJECT_ROOT / "docs" / "FORWARDING.md").read_text()
+    example = guide.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = load_config(write(tmp_path / "site.toml", example), environ={}, firmware_file=None)
+    assert [d.name for d in config.destinations] == ["hub", "pacs"] and config.forward_rules
+    for f in dataclasses.fields(Destination):
+        assert re.search(rf"\b{f.name}\b", example), f"destinations.{f.name} is not in docs/FORWARDING.md's example"
