@@ -1,12 +1,17 @@
-"""Changes to pynetdicom's transport, installed on import: read PDUs within limits and into
-buffers that grow with what arrives, decode P-DATA PDUs without copying their fragments, and
-let its reactor threads wait for something to happen instead of polling every millisecond.
+"""The box's own DICOM upper layer, for its SCP only: pynetdicom 3.0's association and DUL
+service provider, subclassed.  Nothing of pynetdicom is patched: its classes and modules stay
+as they ship, so the box's own requests (forwarding to a PACS, report polling) and anything
+else in the process run plain pynetdicom.  The SCP's request handler makes its associations
+with :func:`association_class` (``scp._TrackedRequestHandler``).
 
-Reading (:func:`_read_pdu_data`, in place of pynetdicom's): pynetdicom believes a PDU header
-and allocates what it claims (a 6-byte header claiming 4 GiB cost 4 GiB), and blocks on a peer
-that stops or trickles mid-PDU for as long as it keeps sending.  Here, with the limits of
-:class:`~appliance.acquire.limits.Limits` that the receiving AE carries (``edge_limits``; the
-defaults otherwise, e.g. for the box's own requests to a PACS):
+Two levels; ``dicom.fast_reactor`` (default true) chooses between them, once per server:
+
+:class:`LimitedAssociation` (always: the security limits of docs/SECURITY.md do not depend on
+the switch).  Reading (:meth:`LimitedDUL._read_pdu_data`, in place of pynetdicom's):
+pynetdicom believes a PDU header and allocates what it claims (a 6-byte header claiming 4 GiB
+cost 4 GiB), and blocks on a peer that stops or trickles mid-PDU for as long as it keeps
+sending.  Here, with the :class:`~appliance.acquire.limits.Limits` the receiving AE carries
+(``edge_limits``):
 
 * a PDU longer than its cap (64 KiB for association PDUs, ``PDU_HARD_CAP_FACTOR`` times the
   advertised maximum for P-DATA) is refused before anything is read;
@@ -19,7 +24,10 @@ defaults otherwise, e.g. for the box's own requests to a PACS):
 
 A violation is logged in one line (no traceback, peer text escaped), answered with an A-ABORT
 and the connection closed; pynetdicom's state machine then ends the association as for any
-closed connection.
+closed connection.  An exception in the DUL thread (pynetdicom's state machine and DIMSE
+decoder raise on some malformed input) is one log line and an aborted association too.
+
+:class:`FastAssociation` (``dicom.fast_reactor = true``) adds speed, not limits:
 
 pynetdicom copies every received byte five times before a C-STORE handler sees it (the PDU as
 bytes for an event nobody here listens to, each fragment out of the PDU, each fragment minus its
@@ -30,13 +38,13 @@ handler is bound to the raw-data event (EVT_DATA_RECV; with one, pynetdicom's ow
 pynetdicom runs two polling loops per association: the DUL thread checks the socket and its send
 queue, sleeping 1 ms whenever there is nothing to do, and the association thread checks for
 decoded messages the same way.  Four idle associations cost a quarter of a CPU core that way,
-and the box has two to six cores shared with image analysis.  Here those two 1 ms sleeps (and
-only those) become waits that end as soon as there is work:
+and the box has two to six cores shared with image analysis.  Here those two loops
+(:meth:`FastDUL.run_loop`, :meth:`FastAssociation._run_reactor`, pynetdicom 3.0's own with
+only their 1 ms sleeps replaced) wait until there is work:
 
 * the DUL thread waits on its socket and on a wake-up socket that ``send_pdu`` writes to;
-* an acceptor's association thread waits on an event that its state machine sets after an
-  action that leaves it work (a requestor's keeps polling: its user thread pauses the reactor
-  between operations).
+* the association thread waits on an event that its state machine sets after an action that
+  leaves it work.
 
 Every wait is capped (:data:`MAX_WAIT_S`), so a condition nobody signals (a timer, a kill flag)
 is still seen within that time, as it was seen within 1 ms before: behaviour is the same,
@@ -46,19 +54,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import select
 import socket
 import ssl
 import struct
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, cast
 
-from pynetdicom import association as _association
-from pynetdicom import dul as _dul
 from pynetdicom import evt
-from pynetdicom import fsm as _fsm
-from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.association import LOGGER as _ASSOC_LOGGER
+from pynetdicom.association import Association
+from pynetdicom.dul import LOGGER as _DUL_LOGGER
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.transport import AssociationSocket
 
@@ -66,8 +76,6 @@ from .limits import COMMAND_SET_MAX, Limits, RefusalLog, peer_text
 from .waker import Waker
 
 MAX_WAIT_S = 0.05
-_REACTOR_SLEEP_S = 0.001  # the association reactor's own poll interval (association.py)
-
 
 _FIRST_READ = 256 * 1024
 _P_DATA_TF = 0x04
@@ -75,13 +83,15 @@ _PDU_HEADER = struct.Struct(">BBI")
 _PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
               0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
 _A_ABORT_PDU = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00"  # source: service provider
-DEFAULT_LIMITS = Limits()
+_ITEM_LENGTH = struct.Struct(">I")
 log = logging.getLogger(__name__)
 _refusals = RefusalLog(log)
 
 
 class PeerViolation(Exception):
-    """The peer broke one of the limits: ``kind`` (for the log's rate limit) and a message."""
+    """Internal to the DUL thread: the peer broke one of the limits; ``kind`` (for the log's
+    rate limit) and a message.  Always caught in :meth:`LimitedDUL._read_pdu_data`, which
+    aborts the connection."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -122,67 +132,6 @@ def receive(sock: socket.socket, nr_bytes: int, deadline: float | None = None,
     return buffer
 
 
-def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` (pynetdicom's contract: blocks until ``nr_bytes`` are read,
-    returns what was read so far if the peer closes), with :func:`receive`'s buffer."""
-    return receive(self.socket, nr_bytes)  # type: ignore[arg-type]
-
-
-def _limits(dul: Any) -> Limits:
-    return getattr(dul.assoc.ae, "edge_limits", None) or DEFAULT_LIMITS
-
-
-def _remote(dul: Any) -> tuple[str, str]:
-    """(address, calling or called AE title) of the peer, escaped for the log."""
-    assoc = dul.assoc
-    user = assoc.requestor if assoc.is_acceptor else assoc.acceptor
-    try:
-        address = f"{user.address}:{user.port}"
-    except Exception:  # noqa: BLE001 - logging aid only
-        address = "?"
-    return address, peer_text(getattr(user, "ae_title", "") or "?", 16)
-
-
-def _read_pdu_data(self: Any) -> None:
-    """pynetdicom's ``DULServiceProvider._read_pdu_data`` (one PDU from the socket onto the
-    event queue), within the limits described in the module docstring."""
-    sock = self.socket
-    limits = _limits(self)
-    now = time.monotonic()
-    started = self.__dict__.setdefault("_edge_started", now)
-    deadline = min(now + limits.pdu_timeout_s, started + limits.max_association_s)
-    try:
-        try:
-            pdu = _receive_pdu(sock.socket, limits, deadline)
-        finally:
-            _blocking(sock.socket)
-        if pdu is None:  # closed by the peer
-            sock.close()
-            return
-        pdu_object, event = self._decode_pdu(pdu)
-        if pdu[0] == _P_DATA_TF:
-            _count_message_bytes(self, pdu_object, limits)
-    except TimeoutError:
-        if time.monotonic() >= started + limits.max_association_s:
-            _abort_connection(self, "lifetime", f"association open longer than {limits.max_association_s:g} s "
-                              "(dicom.max_association_s)")
-        else:
-            _abort_connection(self, "pdu timeout", f"PDU not complete within {limits.pdu_timeout_s:g} s of its "
-                              "first byte (dicom.pdu_timeout_s)")
-        return
-    except PeerViolation as exc:
-        _abort_connection(self, exc.kind, str(exc))
-        return
-    except OSError:  # reset by the peer, or closed under us
-        sock.close()
-        return
-    except Exception as exc:  # noqa: BLE001 - pynetdicom's decoders raise many types on garbage
-        _abort_connection(self, "undecodable", f"undecodable PDU ({type(exc).__name__}: {peer_text(exc, 80)})")
-        return
-    self.event_queue.put(event)
-    self._recv_pdu.put(pdu_object)
-
-
 def _receive_pdu(raw: Any, limits: Limits, deadline: float) -> bytearray | None:
     """One whole PDU (header included), or None if the peer closed the connection first."""
     pdu = receive(raw, _PDU_HEADER.size, deadline)
@@ -206,150 +155,6 @@ def _blocking(raw: Any) -> None:
             raw.settimeout(None)
 
 
-def _count_message_bytes(dul: Any, pdu: Any, limits: Limits) -> None:
-    """Add a P-DATA PDU's fragments to the DIMSE message they belong to; PeerViolation when
-    its command set or dataset grows past its limit (before pynetdicom buffers them)."""
-    counts = dul.__dict__.setdefault("_edge_message_bytes", [0, 0])  # [command, dataset]
-    for item in pdu.presentation_data_value_items:
-        value = item.presentation_data_value
-        if not value:
-            continue
-        control = value[0]
-        is_command = control & 1
-        counts[0 if is_command else 1] += len(value) - 1
-        if is_command and counts[0] > COMMAND_SET_MAX:
-            raise PeerViolation("command size", f"DIMSE command set over {COMMAND_SET_MAX} bytes")
-        if not is_command and counts[1] > limits.max_dataset_bytes:
-            raise PeerViolation("dataset size", f"dataset over {limits.max_dataset_bytes // (1024 * 1024)} MB "
-                                "(dicom.max_dataset_mb)")
-        if control & 2:  # the last fragment of the command set or dataset
-            counts[0 if is_command else 1] = 0
-
-
-def _abort_connection(self: Any, kind: str, reason: str) -> None:
-    """Log ``reason``, send an A-ABORT (best effort) and close the connection: the state
-    machine sees a closed transport and ends the association."""
-    address, title = _remote(self)
-    _refusals.refused(address.rsplit(":", 1)[0], kind, "DICOM association from %s (AE %s) aborted: %s",
-                      address, title, reason)
-    close_transport(self)
-
-
-def close_transport(dul: Any) -> None:
-    """Send an A-ABORT (best effort: a full window or TLS just skips it) and close the
-    connection of ``dul``."""
-    sock = dul.socket
-    raw = getattr(sock, "socket", None)
-    if raw is not None:
-        try:
-            raw.send(_A_ABORT_PDU, socket.MSG_DONTWAIT)
-        except (OSError, ValueError):  # window full, gone, or TLS (no flags): closing is enough
-            pass
-    if sock is not None:
-        sock.close()
-
-
-_original_run_reactor = getattr(_dul.DULServiceProvider, "run_reactor", None)
-
-
-def _run_reactor(self: Any) -> None:
-    """The DUL thread, whose unhandled exceptions (pynetdicom's state machine and DIMSE decoder
-    raise on some malformed input) are one log line and an aborted association, not a
-    traceback and a connection nobody serves."""
-    try:
-        _original_run_reactor(self)  # type: ignore[misc]
-    except Exception as exc:  # noqa: BLE001 - the thread ends here either way
-        address, title = _remote(self)
-        _refusals.refused(address.rsplit(":", 1)[0], "upper layer error",
-                          "DICOM association from %s (AE %s) aborted: the upper layer failed on what it was sent "
-                          "(%s: %s)", address, title, type(exc).__name__, peer_text(exc, 120))
-        close_transport(self)
-        assoc = self.assoc
-        assoc.is_aborted, assoc.is_established = True, False
-        assoc._kill = True  # what pynetdicom's own handler of a reactor error does
-
-
-_create_lock = threading.Lock()
-
-
-def _waker(dul: Any) -> Waker:
-    waker = dul.__dict__.get("_edge_waker")
-    if waker is None:
-        with _create_lock:
-            waker = dul.__dict__.setdefault("_edge_waker", Waker())
-    return waker
-
-
-def _event(assoc: Any) -> threading.Event:
-    event = assoc.__dict__.get("_edge_event")
-    if event is None:
-        with _create_lock:
-            event = assoc.__dict__.setdefault("_edge_event", threading.Event())
-    return event
-
-
-def _dul_wait(dul: Any) -> None:
-    """The DUL thread is idle: wait for incoming data or a primitive to send."""
-    sock = getattr(dul.socket, "socket", None) if dul.socket is not None else None
-    if sock is None or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-        time.sleep(_REACTOR_SLEEP_S)
-        return
-    waker = _waker(dul)
-    if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
-        return
-    try:
-        select.select([sock, waker.reader], [], [], MAX_WAIT_S)
-    except (OSError, ValueError):  # socket closed under us: let the reactor find out
-        return
-    waker.drain()
-
-
-def _assoc_wait(assoc: Any) -> None:
-    """The association thread is idle: wait until its state machine has done something."""
-    event = _event(assoc)
-    dimse, dul = getattr(assoc, "dimse", None), getattr(assoc, "dul", None)
-    if dimse is None or dul is None or not dimse.msg_queue.empty() or not dul.to_user_queue.empty():
-        return
-    event.wait(MAX_WAIT_S)
-    event.clear()
-
-
-def _is_dul_idle_sleep(thread: threading.Thread, seconds: float) -> bool:
-    return isinstance(thread, _dul.DULServiceProvider) and seconds == thread._run_loop_delay
-
-
-def _is_acceptor_poll(thread: threading.Thread, seconds: float) -> bool:
-    # Acceptors only: a requestor's user thread pauses the reactor (send_c_store and the like
-    # spin until it reaches its checkpoint), which must stay a 1 ms poll.
-    return (isinstance(thread, _association.Association) and seconds == _REACTOR_SLEEP_S
-            and thread.is_acceptor)
-
-
-class _TimeFor:
-    """``time`` as one pynetdicom module sees it: the one sleep ``matches`` recognises (a
-    reactor's idle poll, on the reactor's own thread) becomes ``wait(thread)``; every other
-    sleep and every other attribute is the real ``time`` module's."""
-
-    def __init__(self, matches: Callable[[threading.Thread, float], bool],
-                 wait: Callable[[Any], None]) -> None:
-        self._matches = matches
-        self._wait = wait
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    def sleep(self, seconds: float) -> None:
-        thread = threading.current_thread()
-        if self._matches(thread, seconds):
-            self._wait(thread)
-        else:
-            time.sleep(seconds)
-
-
-_ITEM_LENGTH = struct.Struct(">I")
-_original_decode_pdu = getattr(_dul.DULServiceProvider, "_decode_pdu", None)
-
-
 def decode_p_data(bytestream: bytearray) -> P_DATA_TF:
     """A P-DATA-TF PDU (header included) whose fragments are views of ``bytestream``; ValueError
     if an item is shorter than its header or runs past the end (pynetdicom: an assertion)."""
@@ -370,61 +175,309 @@ def decode_p_data(bytestream: bytearray) -> P_DATA_TF:
     return pdu
 
 
-def _decode_pdu(self: Any, bytestream: bytearray) -> tuple[Any, str]:
-    if bytestream[0] != _P_DATA_TF or self.assoc.get_handlers(evt.EVT_DATA_RECV):
-        return _original_decode_pdu(self, bytestream)  # type: ignore[misc]
-    pdu = decode_p_data(bytestream)
-    evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
-    return pdu, "Evt10"  # P-DATA-TF PDU received
+def close_transport(dul: Any) -> None:
+    """Send an A-ABORT (best effort: a full window or TLS just skips it) and close the
+    connection of ``dul``."""
+    sock = dul.socket
+    raw = getattr(sock, "socket", None)
+    if raw is not None:
+        try:
+            raw.send(_A_ABORT_PDU, socket.MSG_DONTWAIT)
+        except (OSError, ValueError):  # window full, gone, or TLS (no flags): closing is enough
+            pass
+    if sock is not None:
+        sock.close()
 
 
-_original_send_pdu = getattr(_dul.DULServiceProvider, "send_pdu", None)
-_original_do_action = getattr(_fsm.StateMachine, "do_action", None)
+class LimitedDUL(DULServiceProvider):
+    """pynetdicom's DUL service provider, reading within the limits of the module docstring."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self._connection_started: float | None = None
+        self._message_bytes = [0, 0]  # [command set, dataset] of the DIMSE message arriving
+
+    @property
+    def limits(self) -> Limits:
+        return cast(Limits, self.assoc.ae.edge_limits)  # type: ignore[attr-defined]
+
+    def run_reactor(self) -> None:
+        """The DUL thread, whose unhandled exceptions are one log line and an aborted
+        association, not a traceback and a connection nobody serves."""
+        try:
+            self.run_loop()
+        except Exception as exc:  # noqa: BLE001 - the thread ends here either way
+            address, title = self._remote()
+            _refusals.refused(address.rsplit(":", 1)[0], "upper layer error",
+                              "DICOM association from %s (AE %s) aborted: the upper layer failed on what it was "
+                              "sent (%s: %s)", address, title, type(exc).__name__, peer_text(exc, 120))
+            close_transport(self)
+            assoc = self.assoc
+            assoc.is_aborted, assoc.is_established = True, False
+            assoc._kill = True  # what pynetdicom's own handler of a reactor error does
+
+    def run_loop(self) -> None:
+        """The reactor loop itself: pynetdicom's."""
+        DULServiceProvider.run_reactor(self)
+
+    def _remote(self) -> tuple[str, str]:
+        """(address, calling or called AE title) of the peer, escaped for the log."""
+        assoc = self.assoc
+        user = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+        try:
+            address = f"{user.address}:{user.port}"
+        except Exception:  # noqa: BLE001 - logging aid only
+            address = "?"
+        return address, peer_text(getattr(user, "ae_title", "") or "?", 16)
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom's ``_read_pdu_data`` (one PDU from the socket onto the event queue),
+        within the limits."""
+        sock = cast(AssociationSocket, self.socket)
+        limits = self.limits
+        now = time.monotonic()
+        if self._connection_started is None:
+            self._connection_started = now
+        started = self._connection_started
+        deadline = min(now + limits.pdu_timeout_s, started + limits.max_association_s)
+        try:
+            try:
+                pdu = _receive_pdu(sock.socket, limits, deadline)
+            finally:
+                _blocking(sock.socket)
+            if pdu is None:  # closed by the peer
+                sock.close()
+                return
+            pdu_object, event = self._decode_pdu(pdu)
+            if pdu[0] == _P_DATA_TF:
+                self._count_message_bytes(pdu_object, limits)
+        except TimeoutError:
+            if time.monotonic() >= started + limits.max_association_s:
+                self._abort_connection("lifetime", f"association open longer than {limits.max_association_s:g} s "
+                                       "(dicom.max_association_s)")
+            else:
+                self._abort_connection("pdu timeout", f"PDU not complete within {limits.pdu_timeout_s:g} s of "
+                                       "its first byte (dicom.pdu_timeout_s)")
+            return
+        except PeerViolation as exc:
+            self._abort_connection(exc.kind, str(exc))
+            return
+        except OSError:  # reset by the peer, or closed under us
+            sock.close()
+            return
+        except Exception as exc:  # noqa: BLE001 - pynetdicom's decoders raise many types on garbage
+            self._abort_connection("undecodable",
+                                   f"undecodable PDU ({type(exc).__name__}: {peer_text(exc, 80)})")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu_object)
+
+    def _count_message_bytes(self, pdu: Any, limits: Limits) -> None:
+        """Add a P-DATA PDU's fragments to the DIMSE message they belong to; PeerViolation when
+        its command set or dataset grows past its limit (before pynetdicom buffers them)."""
+        counts = self._message_bytes
+        for item in pdu.presentation_data_value_items:
+            value = item.presentation_data_value
+            if not value:
+                continue
+            control = value[0]
+            is_command = control & 1
+            counts[0 if is_command else 1] += len(value) - 1
+            if is_command and counts[0] > COMMAND_SET_MAX:
+                raise PeerViolation("command size", f"DIMSE command set over {COMMAND_SET_MAX} bytes")
+            if not is_command and counts[1] > limits.max_dataset_bytes:
+                raise PeerViolation("dataset size", f"dataset over {limits.max_dataset_bytes // (1024 * 1024)} MB "
+                                    "(dicom.max_dataset_mb)")
+            if control & 2:  # the last fragment of the command set or dataset
+                counts[0 if is_command else 1] = 0
+
+    def _abort_connection(self, kind: str, reason: str) -> None:
+        """Log ``reason``, send an A-ABORT (best effort) and close the connection: the state
+        machine sees a closed transport and ends the association."""
+        address, title = self._remote()
+        _refusals.refused(address.rsplit(":", 1)[0], kind, "DICOM association from %s (AE %s) aborted: %s",
+                          address, title, reason)
+        close_transport(self)
 
 
-def _send_pdu(self: Any, primitive: Any) -> None:
-    _original_send_pdu(self, primitive)
-    _waker(self).wake()
+class FastDUL(LimitedDUL):
+    """:class:`LimitedDUL` that decodes P-DATA without copies and waits instead of polling."""
+
+    assoc: "FastAssociation"  # type: ignore[assignment]
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self.waker = Waker()
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        if bytestream[0] != _P_DATA_TF or self.assoc.get_handlers(evt.EVT_DATA_RECV):
+            return super()._decode_pdu(bytestream)
+        pdu = decode_p_data(bytestream)
+        evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        return pdu, "Evt10"  # P-DATA-TF PDU received
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self.waker.wake()
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            self.waker.close()
+
+    def wait_for_work(self) -> None:
+        """The DUL thread is idle: wait for incoming data or a primitive to send."""
+        sock = getattr(self.socket, "socket", None) if self.socket is not None else None
+        if sock is None or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            time.sleep(self._run_loop_delay)
+            return
+        if not self.to_provider_queue.empty() or not self.event_queue.empty():
+            return
+        try:
+            select.select([sock, self.waker.reader], [], [], MAX_WAIT_S)
+        except (OSError, ValueError):  # socket closed under us: let the reactor find out
+            return
+        self.waker.drain()
+
+    def _assoc_has_work(self) -> bool:
+        """Whether the association thread has something to do after a state machine action: a
+        complete DIMSE message or an ACSE primitive waiting, or a state other than data transfer
+        (negotiation, release, abort).  A P-DATA fragment of a message still arriving is not:
+        waking the thread for each of a radiograph's dozens of PDUs costs a GIL hand-off each,
+        for nothing."""
+        dimse = getattr(self.assoc, "dimse", None)
+        if dimse is None or not dimse.msg_queue.empty() or not self.to_user_queue.empty():
+            return True
+        return self.state_machine.current_state != "Sta6"
+
+    def run_loop(self) -> None:
+        """pynetdicom 3.0's ``DULServiceProvider.run_reactor``, with its idle sleep replaced by
+        :meth:`wait_for_work` and the association thread woken after a state machine action
+        that leaves it work."""
+        self._idle_timer.start()
+        self.socket = cast(AssociationSocket, self.socket)
+        sleep = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                sleep = True
+            if sleep:
+                self.wait_for_work()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:
+                _DUL_LOGGER.error("Exception in DUL.run(), aborting association")
+                _DUL_LOGGER.exception(exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                sleep = True
+                continue
+            try:
+                self.state_machine.do_action(event)
+            finally:
+                if self._assoc_has_work():
+                    self.assoc.work.set()
+            sleep = False
 
 
-def _assoc_has_work(assoc: Any, machine: Any) -> bool:
-    """Whether the association thread has something to do after a state machine action: a
-    complete DIMSE message or an ACSE primitive waiting, or a state other than data transfer
-    (negotiation, release, abort).  A P-DATA fragment of a message still arriving is not: waking
-    the thread for each of a radiograph's dozens of PDUs costs a GIL hand-off each, for nothing."""
-    dimse = getattr(assoc, "dimse", None)
-    if dimse is None or not dimse.msg_queue.empty() or not machine.dul.to_user_queue.empty():
-        return True
-    return machine.current_state != "Sta6"
+class LimitedAssociation(Association):
+    """An acceptor association of the box's SCP whose DUL is :attr:`dul_class`."""
+
+    dul_class: type[LimitedDUL] = LimitedDUL
+
+    def __init__(self, ae: Any, mode: str) -> None:
+        super().__init__(ae, mode)
+        # pynetdicom makes its own DUL in __init__ and then sets the DUL's timers through these
+        # two properties; ours replaces it before anything has used it.
+        self.dul = self.dul_class(self)
+        self.acse_timeout = self.acse_timeout
+        self.network_timeout = self.network_timeout
 
 
-def _do_action(self: Any, event: str) -> None:
-    try:
-        _original_do_action(self, event)
-    finally:
-        assoc = getattr(self.dul, "assoc", None)
-        if assoc is not None and _assoc_has_work(assoc, self):
-            _event(assoc).set()
+class FastAssociation(LimitedAssociation):
+    """:class:`LimitedAssociation` with :class:`FastDUL`, whose thread waits for work."""
+
+    dul_class = FastDUL
+    dul: FastDUL
+
+    def __init__(self, ae: Any, mode: str) -> None:
+        self.work = threading.Event()  # set by the DUL thread when this thread has work
+        super().__init__(ae, mode)
+
+    def wait_for_work(self) -> None:
+        """The association thread is idle: wait until its state machine has done something."""
+        dimse, dul = getattr(self, "dimse", None), getattr(self, "dul", None)
+        if dimse is None or dul is None or not dimse.msg_queue.empty() or not dul.to_user_queue.empty():
+            return
+        self.work.wait(MAX_WAIT_S)
+        self.work.clear()
+
+    def _run_reactor(self) -> None:
+        """pynetdicom 3.0's acceptor reactor loop, with its 1 ms sleep replaced by
+        :meth:`wait_for_work`."""
+        self._is_paused = False
+        while not self._kill:
+            self.wait_for_work()
+            # pynetdicom's checkpoint: its send_*() methods pause the reactor here.
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                _ASSOC_LOGGER.info("Association Released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                log_msg = "Association Aborted"
+                if self.acse.is_aborted("a-p-abort"):
+                    log_msg += " (A-P-ABORT)"
+                _ASSOC_LOGGER.info(log_msg)
+                self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires for subscribers
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                _ASSOC_LOGGER.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
 
 
-def install() -> None:
-    """Apply the changes (idempotent).  They are written against pynetdicom 3.0's internals;
-    where those are not there, pynetdicom is left decoding and polling as it ships."""
-    AssociationSocket.recv = _recv  # type: ignore[method-assign]
-    _dul.DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
-    if _original_run_reactor is not None:
-        _dul.DULServiceProvider.run_reactor = _run_reactor  # type: ignore[method-assign]
-    if _original_decode_pdu is not None:
-        _dul.DULServiceProvider._decode_pdu = _decode_pdu  # type: ignore[method-assign]
-    expected = (hasattr(_dul, "time") and hasattr(_association, "time")
-                and hasattr(_dul.DULServiceProvider, "send_pdu") and hasattr(_fsm.StateMachine, "do_action"))
-    if not expected:
-        logging.getLogger(__name__).warning("pynetdicom internals differ from 3.0: reactors keep polling")
-        return
-    _dul.DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
-    _fsm.StateMachine.do_action = _do_action  # type: ignore[method-assign]
-    _dul.time = _TimeFor(_is_dul_idle_sleep, _dul_wait)  # type: ignore[attr-defined, assignment]
-    _association.time = _TimeFor(_is_acceptor_poll, _assoc_wait)  # type: ignore[attr-defined, assignment]
-
-
-install()
+def association_class(fast_reactor: bool) -> type[LimitedAssociation]:
+    """The class of the SCP's associations for ``dicom.fast_reactor``."""
+    return FastAssociation if fast_reactor else LimitedAssociation

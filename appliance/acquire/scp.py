@@ -14,6 +14,8 @@ import socket
 import sys
 import threading
 import zlib
+from copy import deepcopy
+from datetime import datetime
 from typing import Any, Callable, cast
 
 from pydicom.dataset import Dataset
@@ -33,15 +35,17 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, evt, register_uid, sop_class
+from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from ..config import Config
 from ..errors import InvalidDatasetError, OutOfSpaceError
+from ..lifecycle import Source
 from ..store import InstanceStore, parse_part10
-from . import netpatch  # installs its pynetdicom changes on import
+from . import netpatch
 from .guard import GATE_THREAD, AssociationGate, AssociationRefused, admission_refusal, peer_host
 from .limits import Limits, RefusalLog, inflated_size_exceeds, peer_text
 from .part10 import encoded_part10
@@ -192,7 +196,7 @@ def make_store_handler(store: InstanceStore, on_stored: Callable[[Any], None] | 
                 raise InvalidDatasetError("SOP Instance UID differs from the C-STORE request")
             outcome = report_hook(calling, data, ds) if report_hook is not None else None
             if outcome is None:
-                outcome = store.commit(staged, ds, calling_ae=calling, source="dicom")
+                outcome = store.commit(staged, ds, calling_ae=calling, source=Source.DICOM)
         except OutOfSpaceError as exc:
             log.warning("C-STORE from %s refused (out of resources): %s", calling, exc)
             return _status(STATUS_OUT_OF_RESOURCES, "Out of resources: storage floor reached")
@@ -253,7 +257,7 @@ class AllowListAE(AE):
     """
 
     accept_nobody = False
-    # Read by netpatch: what a peer of this AE may cost (see limits.py).
+    # Read by netpatch's DUL: what a peer of this AE may cost (see limits.py).
     edge_limits: Limits = Limits()
 
     @property  # type: ignore[override]
@@ -332,8 +336,31 @@ class IngestActivity:
 
 
 class _TrackedRequestHandler(RequestHandler):
-    """pynetdicom's request handler, telling the server's ``tracker`` (``started(host)``,
+    """pynetdicom's request handler, making the server's ``association_class`` (the box's own
+    upper layer, :mod:`.netpatch`) and telling the server's ``tracker`` (``started(host)``,
     ``ended(host)``) when the association's thread starts and when it has ended."""
+
+    def _create_association(self) -> Any:
+        """pynetdicom 3.0's ``RequestHandler._create_association``, with the server's class."""
+        server: Any = self.server
+        assoc = server.association_class(self.ae, MODE_ACCEPTOR)
+        assoc._server = server
+        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = deepcopy(server.contexts)
+        assoc.requestor.address_info = self.remote
+        for event, handlers in server._handlers.items():
+            if event.is_intervention and handlers:
+                assoc.bind(event, *handlers)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler in handlers:
+                    assoc.bind(event, handler[0], handler[1])
+        return assoc
 
     def handle(self) -> None:
         tracker = self.server.tracker  # type: ignore[attr-defined]
@@ -443,6 +470,11 @@ class HandedOverServer(ThreadedAssociationServer):
             assoc.abort()
 
 
+def fast_reactor(config: Config) -> bool:
+    """``dicom.fast_reactor``: the SCP's associations wait instead of polling (:mod:`.netpatch`)."""
+    return bool(config["dicom"]["fast_reactor"])
+
+
 def make_server(config: Config, store: InstanceStore, server_class: type[ThreadedAssociationServer],
                 on_stored: Callable[[Any], None] | None = None,
                 report_hook: Callable[[str, bytes, Dataset], Any] | None = None,
@@ -460,6 +492,7 @@ def make_server(config: Config, store: InstanceStore, server_class: type[Threade
     server = ae.make_server((config["dicom"]["host"], config["dicom"]["port"]), evt_handlers=handlers,
                             server_class=server_class, request_handler=_TrackedRequestHandler)
     server.tracker = tracker  # type: ignore[attr-defined]
+    server.association_class = netpatch.association_class(fast_reactor(config))  # type: ignore[attr-defined]
     # What AE.start_server does for its own servers: shutdown() expects to find it in this list.
     ae._servers.append(server)
     return server
@@ -480,5 +513,6 @@ def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], N
     server.gate = AssociationGate(server.ae.edge_limits, server.serve_connection)  # type: ignore[attr-defined]
     server.gate.start()
     threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True).start()
+    log.info("DICOM receiver: fast reactor %s", "on" if fast_reactor(config) else "off")
     log.info("DICOM SCP %s listening on %s:%d", config["dicom"]["ae_title"], *server.server_address[:2])
     return server

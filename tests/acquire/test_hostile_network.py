@@ -39,12 +39,11 @@ CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
-@pytest.fixture(scope="module")
-def box(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
+def start_box(root: Path, extra_env: dict[str, str] | None = None) -> ServerProcess:
+    """`appliance serve` with this module's low limits (and ``extra_env``)."""
     engines = root / "no-engines"  # no models: analysis must not move the memory being measured
     engines.mkdir()
-    server = ServerProcess(root / "data", extra_env={
+    return ServerProcess(root / "data", extra_env={
         "APPLIANCE_DICOM_PROCESSES": "2",
         "APPLIANCE_DICOM_ASSOCIATION_TIMEOUT_S": str(ASSOCIATION_TIMEOUT_S),
         "APPLIANCE_DICOM_PDU_TIMEOUT_S": str(PDU_TIMEOUT_S),
@@ -52,7 +51,13 @@ def box(tmp_path_factory):
         "APPLIANCE_DICOM_MAX_ASSOCIATIONS": "40",
         "APPLIANCE_DICOM_MAX_ASSOCIATIONS_PER_PEER": str(PER_PEER),
         "APPLIANCE_ANALYZE_ENGINES_DIR": str(engines),
+        **(extra_env or {}),
     }).start()
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory):
+    server = start_box(tmp_path_factory.mktemp("hostile"))
     yield server
     server.stop()
 
