@@ -6,9 +6,10 @@ Item states (:class:`~appliance.lifecycle.OutboxState`)::
                  \\-> failed     (a peer refused a dataset, or policy blocked one; reason says which)
     any active state -> cancelled            failed / cancelled -> queued (outbox retry)
 
-Instance states (:class:`~appliance.lifecycle.OutboxInstanceState`): ``pending`` -> ``sent`` (the peer acknowledged it) -> ``confirmed`` (the peer
-lists it in a query); ``refused``, ``blocked`` and ``superseded`` (an AI object whose result was
-superseded before it was confirmed: never sent) are final.  Every transition is one SQLite
+Instance states (:class:`~appliance.lifecycle.OutboxInstanceState`): ``pending`` -> ``sent``
+(the peer acknowledged it) -> ``confirmed`` (the peer lists it in a query); ``refused``,
+``blocked`` and ``superseded`` (an AI object whose result was superseded before it was confirmed:
+never sent) are final.  Every transition is one SQLite
 transaction, so a crash anywhere leaves a state from which the next attempt resumes: it first asks
 the hub which instances it already holds and sends only the others.
 
@@ -115,7 +116,7 @@ BATCH_ITEMS = 50
 BATCH_BYTES = 8 * 1024 * 1024
 
 
-def _sendable(config: Config, now: Optional[datetime]) -> tuple[str, tuple]:
+def _sendable(config: Config, now: Optional[datetime]) -> tuple[str, tuple[Any, ...]]:
     """WHERE clause (over ``outbox_items o`` joined with ``destination_state d``) and its
     parameters: active items whose destination is open, not backed off, and study ready."""
     stamp = utc_now()

@@ -27,10 +27,11 @@ COUNTED = (*OUTBOX_ACTIVE, OutboxState.FAILED)
 
 
 def state_words(state: str) -> str:
-    return {OutboxState.QUEUED: _("Queued"), OutboxState.SENDING: _("Sending"),
-            OutboxState.DELIVERED: _("Delivered, awaiting confirmation"),
-            OutboxState.CONFIRMED: _("Sent and confirmed"), OutboxState.FAILED: _("Failed"),
-            OutboxState.CANCELLED: _("Cancelled")}.get(state, state)
+    names: dict[str, str] = {OutboxState.QUEUED: _("Queued"), OutboxState.SENDING: _("Sending"),
+                             OutboxState.DELIVERED: _("Delivered, awaiting confirmation"),
+                             OutboxState.CONFIRMED: _("Sent and confirmed"), OutboxState.FAILED: _("Failed"),
+                             OutboxState.CANCELLED: _("Cancelled")}
+    return names.get(state, state)
 
 
 def _when(iso: str) -> str:

@@ -51,9 +51,10 @@ def priority_words(priority: str) -> str:
 
 
 def state_words(state: str) -> str:
-    return {StudyState.RECEIVED: _("Received"), StudyState.ANALYZED: _("Analysed"),
-            StudyState.REVIEWED: _("Reviewed"), StudyState.SENT: _("Sent"),
-            StudyState.REPORT_RECEIVED: _("Report back")}.get(state, state)
+    names: dict[str, str] = {StudyState.RECEIVED: _("Received"), StudyState.ANALYZED: _("Analysed"),
+                             StudyState.REVIEWED: _("Reviewed"), StudyState.SENT: _("Sent"),
+                             StudyState.REPORT_RECEIVED: _("Report back")}
+    return names.get(state, state)
 
 
 def ai_summary(rows: Iterable[dict[str, Any]], outstanding: int, failed_jobs: int) -> dict[str, str]:
