@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 from .db import Database
+from .lifecycle import OBJECTS_OUTSTANDING, JobState, ObjectsState, ResultStatus
 from .triage import WORKLIST_ORDER, current_results
 
 SCHEMA_VERSION = 1
@@ -30,7 +31,8 @@ def list_studies(database: Database) -> list[dict[str, Any]]:
         superseded_by_instance.setdefault(row["sop_instance_uid"], []).append(_superseded(row))
     job_errors = {
         row["sop_instance_uid"]: row["last_error"]
-        for row in database.query("SELECT sop_instance_uid, last_error FROM analysis_jobs WHERE state = 'failed'")
+        for row in database.query("SELECT sop_instance_uid, last_error FROM analysis_jobs WHERE state = ?",
+                                  (JobState.FAILED.value,))
     }
     series_rows = database.query("SELECT * FROM series ORDER BY study_uid, series_number, series_uid")
     instance_rows = database.query(
@@ -103,9 +105,9 @@ def study_failures(database: Database, study_uids: list[str]) -> dict[str, list[
         marks = ", ".join("?" * len(uids))
         # An image's latest job only: a later (re-)analysis that ran supersedes a failed one.
         for row in database.query(f"SELECT study_uid, sop_instance_uid, last_error FROM analysis_jobs j "
-                                  f"WHERE state = 'failed' AND study_uid IN ({marks}) AND id = (SELECT MAX(id) "
+                                  f"WHERE state = ? AND study_uid IN ({marks}) AND id = (SELECT MAX(id) "
                                   f"FROM analysis_jobs WHERE sop_instance_uid = j.sop_instance_uid) ORDER BY id",
-                                  tuple(uids)):
+                                  (JobState.FAILED.value, *uids)):
             out.setdefault(row["study_uid"], []).append(
                 {"stage": "analysis", "sop_instance_uid": row["sop_instance_uid"], "model": "", "model_version": "",
                  "reason": row["last_error"]})
@@ -116,8 +118,9 @@ def study_failures(database: Database, study_uids: list[str]) -> dict[str, list[
             by_study.setdefault(row["study_uid"], []).append(row)
         for study_uid, rows in by_study.items():
             for r in current_results(rows):
-                for stage, failed, reason in (("analysis", r["status"] == "failed", r["error"]),
-                                              ("objects", r["objects_state"] == "failed", r["objects_error"])):
+                for stage, failed, reason in (("analysis", r["status"] == ResultStatus.FAILED, r["error"]),
+                                              ("objects", r["objects_state"] == ObjectsState.FAILED,
+                                               r["objects_error"])):
                     if failed:
                         out.setdefault(study_uid, []).append(
                             {"stage": stage, "sop_instance_uid": r["sop_instance_uid"], "model": r["model_id"],
@@ -157,7 +160,7 @@ def _superseded(r: dict[str, Any]) -> dict[str, Any]:
         "superseded_by_sha256": r["superseded_by_sha256"], "created_at": r["created_at"],
         "findings": [_finding(r, f) for f in json.loads(r["findings_json"])],
         "abstention": {"code": r["abstention_code"], "reason": r["abstention_reason"]}
-        if r["status"] == "abstained" else None,
+        if r["status"] == ResultStatus.ABSTAINED else None,
         "error": r["error"], "sr_sop_instance_uid": r["sr_sop_instance_uid"],
         "heatmap_sop_instance_uid": r["heatmap_sop_instance_uid"],
     }
@@ -176,14 +179,14 @@ def _analysis(results: list[dict[str, Any]], job_error: str | None) -> dict[str,
     findings, abstentions, errors, srs, heatmaps = [], [], [], [], []
     objects_pending = False
     for r in results:
-        objects_pending = objects_pending or r["objects_state"] in ("pending", "building")
-        if r["objects_state"] == "failed":
+        objects_pending = objects_pending or r["objects_state"] in OBJECTS_OUTSTANDING
+        if r["objects_state"] == ObjectsState.FAILED:
             errors.append({"model": r["model_id"], "model_version": r["model_version"], "error": r["objects_error"]})
         findings += [_finding(r, f) for f in json.loads(r["findings_json"])]
-        if r["status"] == "abstained":
+        if r["status"] == ResultStatus.ABSTAINED:
             abstentions.append({"model": r["model_id"], "model_version": r["model_version"],
                                 "code": r["abstention_code"], "reason": r["abstention_reason"]})
-        if r["status"] == "failed":
+        if r["status"] == ResultStatus.FAILED:
             errors.append({"model": r["model_id"], "model_version": r["model_version"], "error": r["error"]})
         if r["sr_path"]:
             srs.append({"model": r["model_id"], "sop_instance_uid": r["sr_sop_instance_uid"], "path": r["sr_path"]})
