@@ -47,7 +47,7 @@ from ..db import Database
 from ..errors import InferenceError, ManifestError
 from ..store import InstanceStore, utc_now
 from .manifest import Manifest, discover_models, load_manifest
-from .objects import (TRANSIENT, ResultObjects, read_instance, recover_superseded, remove_superseded_files,
+from ..results.worker import (TRANSIENT, ResultObjects, read_instance, recover_superseded, remove_superseded_files,
                       supersede_stale)
 from .runner import AnalysisResult, failure_reason, get_runner, interrupted_reason
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from appliance.analyze.objects import result_uid
+from appliance.results.worker import result_uid
 from appliance.db import Database
 from appliance.forward import outbox
 from tests.helpers import dcmsend, resized_copy, run_cli, sample, write_fresh_copies

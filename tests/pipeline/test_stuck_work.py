@@ -29,7 +29,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import generate_uid
 
-from appliance.analyze import objects as objects_module
+from appliance.results import worker as objects_module
 from appliance.analyze import worker as worker_module
 from appliance.analyze.runner import ModelRunner
 from appliance.analyze.worker import AnalysisWorker

@@ -37,10 +37,10 @@ from ..config import Config
 from ..db import Database
 from ..errors import InferenceError, StoreError
 from ..forward import outbox
-from ..results import build_ai_sr, build_heatmap_sc, write_part10
-from ..results.common import derived_uid
+from . import build_ai_sr, build_heatmap_sc, write_part10
+from .common import derived_uid
 from ..store import InstanceStore, utc_now
-from .runner import failure_reason, get_runner, interrupted_reason
+from ..analyze.runner import failure_reason, get_runner, interrupted_reason
 
 log = logging.getLogger(__name__)
 
