@@ -170,8 +170,15 @@ def _finding(r: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": r["model_id"], "model_version": r["model_version"], "finding": f["code"],
         "label": f.get("label", f["code"]), "probability": f["probability"], "positive": f["positive"],
-        "threshold": f["threshold"], "severity": f.get("severity", ""), "sha256": r["sha256"],
+        "threshold": f["threshold"], "severity": f.get("severity", ""), "sha256": r["sha256"], **_monitoring(r),
     }
+
+
+def _monitoring(r: dict[str, Any]) -> dict[str, Any]:
+    """What a site-QA monitor reads per result: ``ood_distance`` (None: no OOD statistics),
+    ``frame_index`` (0-based) and the acquisition ``fingerprint`` (appliance.analyze.result)."""
+    return {"ood_distance": r["ood_distance"], "frame_index": r["frame_index"],
+            "fingerprint": json.loads(r["fingerprint_json"] or "{}")}
 
 
 def _analysis(results: list[dict[str, Any]], job_error: str | None) -> dict[str, Any]:
@@ -185,7 +192,7 @@ def _analysis(results: list[dict[str, Any]], job_error: str | None) -> dict[str,
         findings += [_finding(r, f) for f in json.loads(r["findings_json"])]
         if r["status"] == ResultStatus.ABSTAINED:
             abstentions.append({"model": r["model_id"], "model_version": r["model_version"],
-                                "code": r["abstention_code"], "reason": r["abstention_reason"]})
+                                "code": r["abstention_code"], "reason": r["abstention_reason"], **_monitoring(r)})
         if r["status"] == ResultStatus.FAILED:
             errors.append({"model": r["model_id"], "model_version": r["model_version"], "error": r["error"]})
         if r["sr_path"]:

@@ -107,8 +107,9 @@ def analyze(config_file: str | None, data_dir: str | None, study_uid: str) -> No
     version adds its results next to the old ones.  Runs here, in the foreground; a running
     `appliance serve` may take some of the jobs, which is safe.
     """
-    from .analyze.worker import AnalysisWorker, enqueue_study
+    from .analyze.worker import enqueue_study
     from .db import open_database
+    from .pipeline import Pipeline
     from .store import InstanceStore
 
     config = setup(config_file, {"storage.data_dir": data_dir})
@@ -118,7 +119,7 @@ def analyze(config_file: str | None, data_dir: str | None, study_uid: str) -> No
     added = enqueue_study(database, study_uid)
     click.echo(f"queued {added} images", err=True)
     store = InstanceStore(config.data_dir, database, config["storage"]["min_free_mb"])
-    AnalysisWorker(config, database, store).run_until_idle(study_uid)
+    Pipeline(config, database, store).run_until_idle(study_uid)
     rows = database.query(
         "SELECT model_id, model_version, status, COUNT(*) AS n FROM analysis_results WHERE study_uid = ? "
         "GROUP BY model_id, model_version, status ORDER BY model_id, model_version", (study_uid,))

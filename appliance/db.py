@@ -364,7 +364,7 @@ def _m008_results_belong_to_bytes(db: sqlite_utils.Database) -> None:
     # Results computed before this column existed were on the bytes stored then: the current ones.
     db.execute("UPDATE analysis_results SET sha256 = COALESCE((SELECT i.sha256 FROM instances i "
                "WHERE i.sop_instance_uid = analysis_results.sop_instance_uid), '')")
-    # Results of bytes since replaced, kept for audit (appliance.analyze.objects.supersede_stale):
+    # Results of bytes since replaced, kept for audit (appliance.analyze.supersede.supersede_stale):
     # the row as it was in analysis_results (result_id: its id there), plus when and by which
     # bytes it was superseded.  analysis_results keeps only the current results.
     db.execute(
@@ -399,6 +399,20 @@ def _m008_results_belong_to_bytes(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_superseded_results_sop ON superseded_results(sop_instance_uid)")
 
 
+def _m009_result_monitoring(db: sqlite_utils.Database) -> None:
+    # What a site-QA monitor reads per result (appliance.analyze.result): the OOD distance (NULL:
+    # the model has no OOD statistics, or the image was not inferred), the 0-based index of the
+    # frame analysed (NULL: none was decoded) and the acquisition fingerprint (JSON object).
+    for table in ("analysis_results", "superseded_results"):
+        db.execute(f"ALTER TABLE {table} ADD COLUMN ood_distance REAL")
+        db.execute(f"ALTER TABLE {table} ADD COLUMN frame_index INTEGER")
+        db.execute(f"ALTER TABLE {table} ADD COLUMN fingerprint_json TEXT NOT NULL DEFAULT '{{}}'")
+    # What the results stage builds the SR and heatmap SC from without running the model again:
+    # the model's disclaimer and the heatmap evidence of its one run ('' when it made none).
+    db.execute("ALTER TABLE analysis_results ADD COLUMN disclaimer TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE analysis_results ADD COLUMN heatmap_json TEXT NOT NULL DEFAULT ''")
+
+
 # Numbered migrations: index i + 1 is the schema version after running MIGRATIONS[i].
 # Never edit a shipped migration; append a new one.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
@@ -410,6 +424,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m006_web_sessions,
     _m007_database_identity,
     _m008_results_belong_to_bytes,
+    _m009_result_monitoring,
 ]
 
 

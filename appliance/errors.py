@@ -52,3 +52,17 @@ class QuantizeRefusedError(ApplianceError):
 
 class SendError(ApplianceError):
     """A transfer to a destination failed (network or peer)."""
+
+
+# -- the results stage (appliance.results) ----------------------------------------------------
+
+class StaleResultError(ApplianceError):
+    """The image a result was computed on was replaced before its AI objects were built."""
+
+    code = "source_replaced"
+
+
+class InvalidSourceUID(ApplianceError, ValueError):
+    """A source UID the AI objects must reference is not a valid UID (also a ValueError)."""
+
+    code = "invalid_source_uid"

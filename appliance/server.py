@@ -12,11 +12,11 @@ from web.clinic import create_app
 
 from .acquire.receivers import ReceiverPool, process_count
 from .acquire.scp import IngestActivity, start_scp
-from .analyze.worker import AnalysisWorker
 from .config import Config
 from .db import open_database
 from .forward.reports import scp_hook
 from .forward.service import Forwarder
+from .pipeline import Pipeline
 from .store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ class Appliance:
         log.info("start-up recovery: %s", report)
         activity = IngestActivity()
         self.receivers = ReceiverPool(self.config, process_count(self.config) - 1, activity.open_count)
-        self.worker = AnalysisWorker(self.config, self.database, self.store,
-                                     ingest_busy=lambda: activity.busy() or self.receivers.busy())
+        self.worker = Pipeline(self.config, self.database, self.store,
+                               ingest_busy=lambda: activity.busy() or self.receivers.busy())
         self.receivers.on_stored = self.worker.wake
         self.receivers.start()
         self.worker.start()

@@ -8,11 +8,13 @@
    4 parallel dcmsend processes.  Queue drain rate = the jobs still queued when the last image is
    stored / (last result time − that moment): what the analysis queue sustains on a backlog.
    Also printed: the receive rate and the end-to-end rate (first C-STORE to last result), which
-   include durable ingest (measured on its own by bench_ingest.py).
+   include durable ingest (measured on its own by bench_ingest.py), and the drain including the
+   AI objects (the last SR and heatmap SC stored), which the results stage builds from the
+   result rows without running the model again.
 3. Baseline, same images, same process budget: decode + preprocess + inference of each image in
    one loop (`ModelRunner.analyze` without the heatmap), i.e. what the model work alone costs.
-   The ratio queue drain / bare shows what the queue, database, files and DICOM results cost
-   (target ≥ 0.5).
+   The ratio queue drain / bare shows what the queue, database and files cost (target ≥ 0.85:
+   one inference per image, the rest is bookkeeping).
 
 Usage: .venv/bin/python scripts/bench_pipeline.py [--latency-n 100] [--burst-n 500] [--senders 4]
 """
@@ -52,6 +54,10 @@ def result_count(db: sqlite3.Connection, uids: list[str] | None = None) -> int:
         return db.execute("SELECT COUNT(*) FROM analysis_results").fetchone()[0]
     marks = ",".join("?" * len(uids))
     return db.execute(f"SELECT COUNT(*) FROM analysis_results WHERE sop_instance_uid IN ({marks})", uids).fetchone()[0]
+
+
+def objects_pending(db: sqlite3.Connection) -> int:
+    return db.execute("SELECT COUNT(*) FROM analysis_results WHERE objects_state IN ('pending', 'building')").fetchone()[0]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -100,6 +106,11 @@ def bench_burst(files: list[Path], work: Path, senders: int) -> dict[str, float]
                 raise SystemExit("burst did not drain in 20 minutes")
             time.sleep(0.02)
         finished = time.perf_counter()
+        while objects_pending(db):
+            if time.perf_counter() - t0 > 2400:
+                raise SystemExit("the burst's AI objects were not built in 40 minutes")
+            time.sleep(0.05)
+        objects_finished = time.perf_counter()
         db.close()
     finally:
         server.stop()
@@ -108,6 +119,7 @@ def bench_burst(files: list[Path], work: Path, senders: int) -> dict[str, float]
         "end_to_end_rate": len(files) / (finished - t0),
         "queued": len(files) - done_at_received,
         "drain_rate": (len(files) - done_at_received) / (finished - received),
+        "objects_rate": (len(files) - done_at_received) / (objects_finished - received),
     }
 
 
@@ -151,8 +163,9 @@ def main() -> None:
           f"   ratio to bare {burst['end_to_end_rate'] / bare:.2f}")
     print(f"{'queue drain (all stored -> last result)':<44} {burst['drain_rate']:>8.1f}/s"
           f"   ({burst['queued']:.0f} jobs queued when the burst was in)")
+    print(f"{'drain incl. AI objects (-> last SR/SC)':<44} {burst['objects_rate']:>8.1f}/s")
     ratio = burst["drain_rate"] / bare
-    print(f"{'ratio queue drain / bare':<44} {ratio:>9.2f}   target >= 0.5: {'MET' if ratio >= 0.5 else 'NOT MET'}")
+    print(f"{'ratio queue drain / bare':<44} {ratio:>9.2f}   target >= 0.85: {'MET' if ratio >= 0.85 else 'NOT MET'}")
 
 
 if __name__ == "__main__":

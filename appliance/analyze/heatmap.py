@@ -4,6 +4,9 @@ The model saw only the centred square that ``preprocess`` cropped (``CropBox``),
 resized to that square and placed there; outside the crop there is no evidence and the source
 shows through unchanged.  The blend weight follows the map (``alpha * m`` with ``m`` in 0..1),
 so regions the model did not use stay readable instead of being tinted blue everywhere.
+
+The map comes from the model's one run on the image (``result.HeatmapEvidence``, recorded with
+the result), so the results stage draws the overlay without running the model again.
 """
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from ..imaging.decode import DecodedImage
 from ..imaging.preprocess import CropBox
+from .result import HeatmapEvidence
 
 DEFAULT_ALPHA = 0.45
 COLORMAP = cv2.COLORMAP_JET
@@ -60,3 +65,9 @@ def overlay(source: np.ndarray, cam: np.ndarray, crop: Optional[CropBox] = None,
     base = _as_rgb_u8(source).astype(np.float32)
     blend = (alpha * weight)[:, :, None]
     return np.clip(np.rint(base * (1.0 - blend) + colour * blend), 0, 255).astype(np.uint8)
+
+
+def evidence_overlay(image: DecodedImage, evidence: HeatmapEvidence, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """The overlay of ``evidence`` on the decoded source it came from (colour sources keep their
+    colour, others are drawn from their grey, as the model saw them)."""
+    return overlay(image.pixels if image.pixels.ndim == 3 else image.grey, evidence.cam, evidence.crop, alpha)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,10 +23,10 @@ from ..imaging.preprocess import preprocess
 from . import gate, heatmap
 from .backends import Backend, create_backend, resolve_backend
 from .manifest import Manifest, find_model
+from .result import AI_NOTICE, AnalysisResult, FindingResult, HeatmapEvidence, acquisition_fingerprint
 
 log = logging.getLogger(__name__)
 
-AI_NOTICE = "AI assist — not a diagnosis"
 REASON_MAX = 300  # characters of an exception's message kept as a case's failure reason
 
 
@@ -47,55 +46,6 @@ def interrupted_reason(attempts: int, doing: str) -> str:
     killer): after ``attempts`` of them it is not tried again."""
     times = "once" if attempts == 1 else f"{attempts} times"
     return f"Interrupted: the appliance stopped {times} while {doing} (a crash or a kill); not tried again"
-
-
-@dataclass
-class FindingResult:
-    code: str
-    label: str
-    probability: float
-    positive: bool
-    threshold: float
-    severity: str
-
-
-@dataclass
-class AnalysisResult:
-    """What one model said about one image (or why it said nothing)."""
-
-    model: str
-    model_version: str
-    backend: str
-    precision: str
-    disclaimer: str
-    findings: list[FindingResult] = field(default_factory=list)
-    abstention: Optional[gate.Abstention] = None
-    heatmap: Optional[np.ndarray] = field(default=None, repr=False)  # H×W×3 uint8 RGB overlay
-    heatmap_finding: Optional[str] = None
-    ood_distance: Optional[float] = None
-    source: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # e.g. analysed although the patient's age is unknown
-
-    @property
-    def analyzed(self) -> bool:
-        return self.abstention is None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe summary (the heatmap array is stored separately by the caller)."""
-        return {
-            "model": self.model,
-            "model_version": self.model_version,
-            "backend": self.backend,
-            "precision": self.precision,
-            "disclaimer": self.disclaimer,
-            "status": "analyzed" if self.analyzed else "abstained",
-            "findings": [vars(f).copy() for f in self.findings],
-            "abstention": self.abstention.as_dict() if self.abstention else None,
-            "heatmap_finding": self.heatmap_finding,
-            "ood_distance": self.ood_distance,
-            "source": dict(self.source),
-            "notes": list(self.notes),
-        }
 
 
 def _activate(scores: np.ndarray, activation: str) -> np.ndarray:
@@ -170,7 +120,11 @@ class ModelRunner:
                               disclaimer=self.manifest.disclaimer or AI_NOTICE, **kwargs)
 
     def analyze(self, source: Any, frame: Optional[int] = None, make_heatmap: bool = True) -> AnalysisResult:
-        """Run the full run-time path on a path, Dataset, DICOM bytes or DecodedImage."""
+        """Run the full run-time path on a path, Dataset, DICOM bytes or DecodedImage.
+
+        The model runs once.  The result keeps the heatmap evidence of that run (the top
+        finding's activation map and the crop), from which the results stage draws the overlay;
+        ``make_heatmap`` also draws it here (``result.heatmap``)."""
         try:
             image: DecodedImage = decode(source, frame=frame)
         except DecodeError as exc:
@@ -178,11 +132,12 @@ class ModelRunner:
         meta = {"modality": image.modality, "body_part": image.body_part, "view": image.view,
                 "photometric": image.photometric, "rows": image.rows, "columns": image.columns,
                 "frames": image.frames, "frame_index": image.frame_index, "is_colour": image.is_colour}
+        fingerprint = acquisition_fingerprint(image.header) if image.header is not None else {}
         patient = gate.read_patient(image.header) if image.header is not None else None
         population, notes = gate.check_population(patient, self.manifest)
         refusal = gate.check_metadata(image, self.manifest) or population or gate.check_pixels(image, self.manifest)
         if refusal is not None:
-            return self._result(abstention=refusal, source=meta)
+            return self._result(abstention=refusal, source=meta, fingerprint=fingerprint)
         grey = image.grey
         prepared = preprocess(grey, self.manifest.preprocess, self.manifest.input.shape)
         outputs = self.infer(prepared.tensor)
@@ -190,7 +145,7 @@ class ModelRunner:
         if self.embedding is not None and self.ood is not None:
             distance, refusal = gate.check_ood(outputs[self.embedding.name][0], self.ood)
         if refusal is not None:
-            return self._result(abstention=refusal, ood_distance=distance, source=meta)
+            return self._result(abstention=refusal, ood_distance=distance, source=meta, fingerprint=fingerprint)
         if self.scores is None:  # manifest loading refuses this; kept for type narrowing
             raise InferenceError(f"model {self.manifest.id}: no scores output")
         probs = _activate(outputs[self.scores.name], self.scores.activation)[0]
@@ -202,14 +157,16 @@ class ModelRunner:
             p = float(probs[finding.index])
             findings.append(FindingResult(finding.code, finding.label, p, p >= finding.threshold,
                                           finding.threshold, finding.severity))
-        overlay, shown = None, None
-        if make_heatmap and self.cam is not None and findings:
+        evidence, overlay = None, None
+        if self.cam is not None and findings:
             top = max(range(len(findings)), key=lambda i: findings[i].probability)
-            cam = outputs[self.cam.name][0, self.manifest.findings[top].index]
-            overlay = heatmap.overlay(image.pixels if image.pixels.ndim == 3 else grey, cam, prepared.crop)
-            shown = findings[top].code
-        return self._result(findings=findings, heatmap=overlay, heatmap_finding=shown,
-                            ood_distance=distance, source=meta, notes=notes)
+            cam = np.asarray(outputs[self.cam.name][0, self.manifest.findings[top].index], dtype=np.float32)
+            evidence = HeatmapEvidence(findings[top].code, cam, prepared.crop)
+            if make_heatmap:
+                overlay = heatmap.evidence_overlay(image, evidence)
+        return self._result(findings=findings, heatmap=overlay, heatmap_finding=evidence.finding if evidence else None,
+                            heatmap_evidence=evidence, ood_distance=distance, source=meta, fingerprint=fingerprint,
+                            notes=notes)
 
 
 _RUNNERS: dict[tuple[str, ...], ModelRunner] = {}

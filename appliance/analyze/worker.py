@@ -2,17 +2,20 @@
 
 Every stored clinic image gets a row in ``analysis_jobs`` in the same transaction as its
 instance row (see ``index.index_instance``).  Workers claim jobs, route each image to the models whose
-manifest applies to its modality, run gate -> preprocess -> infer -> postprocess, store the AI
-results as DICOM (SR + heatmap SC) through the durable store, and then commit the result rows,
-the job state and the study's triage in one transaction.
+manifest applies to its modality, run gate -> preprocess -> infer -> postprocess, and commit the result rows,
+the job state and the study's triage in one transaction.  Each model runs once per image; its
+result row records everything the results stage (``appliance.results.worker``) needs to write
+the SR and heatmap SC later (``AnalysisResult.record``), and what a site-QA monitor reads per
+result (OOD distance, frame analysed, acquisition fingerprint).  This module knows nothing of
+the results stage; ``appliance.pipeline`` runs both.
 
-Exactly once: result rows are unique per (image, model, model version) and the DICOM objects
-get deterministic UIDs, so a crash anywhere re-runs the job without duplicating anything.
+Exactly once: result rows are unique per (image, model, model version), so a crash anywhere
+re-runs the job without duplicating anything.
 
 Results belong to the bytes: a job hashes the bytes it analyses and its results carry that
 sha256.  At the commit the image's current sha256 is checked again: if the image was replaced
 meanwhile, nothing is recorded and the job runs again on the new bytes.  Results on older bytes
-are superseded (``objects.supersede_stale``) as soon as a replacement is seen (the store records
+are superseded (``supersede.supersede_stale``) as soon as a replacement is seen (the store records
 each one in ``superseded_instances``), at the commit of the new result, and at start-up.
 Transient failures (I/O, a busy database, a full disk) retry with capped exponential backoff;
 permanent ones (a model that cannot load, pixels that cannot be decoded) become a visible
@@ -30,6 +33,7 @@ import io
 import json
 import os
 import logging
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -44,21 +48,20 @@ from .. import triage
 from ..background import BackgroundService
 from ..config import Config
 from ..db import Database
-from ..errors import InferenceError, ManifestError
+from ..errors import InferenceError, ManifestError, StoreError
+from ..lifecycle import JOB_OUTSTANDING, InstanceState, JobState, ObjectsState, ResultStatus, clinical_sql, marks, words
 from ..store import InstanceStore, utc_now
 from .manifest import Manifest, discover_models, load_manifest
-from ..results.worker import (TRANSIENT, ResultObjects, read_instance, recover_superseded, remove_superseded_files,
-                      supersede_stale)
-from .runner import AnalysisResult, failure_reason, get_runner, interrupted_reason
+from .result import AnalysisResult, acquisition_fingerprint
+from .runner import failure_reason, get_runner, interrupted_reason
+from .supersede import read_instance, recover_superseded, remove_superseded_files, supersede_stale
 
 log = logging.getLogger(__name__)
 
 ROUTER = "router"  # pseudo-model recording "no installed model applies"
 BACKOFF_CAP_S = 300
-
-
-class PermanentError(Exception):
-    """Retrying cannot help: record a failed result."""
+# Conditions that pass (I/O, a busy database, a full disk): retried with backoff, not failed.
+TRANSIENT = (OSError, sqlite3.OperationalError, StoreError)
 
 
 @dataclass
@@ -73,9 +76,16 @@ def _ts(dt: datetime) -> str:
     return dt.isoformat(timespec="milliseconds")
 
 
-def _instance_state(statuses: set[str]) -> str:
+# SQL for "an analysis job not finished yet" (bind OUTSTANDING after the other parameters).
+OUTSTANDING = words(JOB_OUTSTANDING)
+OUTSTANDING_IN = f"IN ({marks(OUTSTANDING)})"
+
+
+def _instance_state(statuses: set[str]) -> InstanceState:
     """An image's state from its results' statuses: one analysis is enough to be analyzed."""
-    return "analyzed" if "analyzed" in statuses else "failed" if "failed" in statuses else "abstained"
+    if ResultStatus.ANALYZED in statuses:
+        return InstanceState.ANALYZED
+    return InstanceState.FAILED if ResultStatus.FAILED in statuses else InstanceState.ABSTAINED
 
 
 class ModelCatalog:
@@ -128,12 +138,40 @@ def route(ds: pydicom.Dataset, catalog: ModelCatalog) -> list[Route]:
     return routes
 
 
-def _lower_thread_priority() -> None:
-    """Nice this worker thread (Linux: per-thread priority) so ingest and the UI stay responsive."""
+def prepare_worker_thread(database: Database) -> None:
+    """For a background thread of the pipeline (analysis, result objects): a lower priority and
+    commits that do not wait for the disk.
+
+    Nice (Linux: per-thread priority) so ingest and the UI stay responsive.  synchronous=NORMAL
+    on this thread's connection: every write here is redone after a power cut (a lost claim
+    leaves the work pending, a lost result re-runs it with the same deterministic outcome), and
+    the next synchronous commit of the store flushes these WAL frames too.  Ingest's commits stay
+    synchronous=FULL.
+    """
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
     except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
         pass
+    database.db.execute("PRAGMA synchronous=NORMAL")
+
+
+class IngestDeferral:
+    """Receiving has priority (an association waiting on us keeps a modality waiting): a
+    background thread gives way while images arrive, but never for longer than ``max_defer_s``
+    at a time.  One per thread."""
+
+    def __init__(self, ingest_busy: Callable[[], bool], max_defer_s: float) -> None:
+        self.ingest_busy = ingest_busy
+        self.max_defer_s = max_defer_s
+        self._since: Optional[float] = None
+
+    def waiting(self) -> bool:
+        """True while the thread should wait for ingest (then call again shortly)."""
+        if not self.ingest_busy():
+            self._since = None
+            return False
+        self._since = self._since or time.monotonic()
+        return time.monotonic() - self._since < self.max_defer_s
 
 
 class AnalysisWorker(BackgroundService):
@@ -148,7 +186,6 @@ class AnalysisWorker(BackgroundService):
         self.catalog = ModelCatalog(Path(config["analyze"]["engines_dir"]))
         self.ingest_busy = ingest_busy or (lambda: False)
         self.max_defer_s = float(config["analyze"]["defer_while_receiving_s"])
-        self.objects = ResultObjects(config, database, store)
         self._last_settle = 0.0
         self.max_attempts = int(config["analyze"]["max_attempts"])
         self.quiet_s = int(config["analyze"]["study_quiet_s"])
@@ -162,27 +199,24 @@ class AnalysisWorker(BackgroundService):
         now = utc_now()
         with self.db.atomic() as tx:
             exhausted = tx.execute("SELECT id, sop_instance_uid, study_uid, attempts FROM analysis_jobs "
-                                   "WHERE state = 'running' AND attempts >= ?", (self.max_attempts,)).fetchall()
+                                   "WHERE state = ? AND attempts >= ?", (JobState.RUNNING, self.max_attempts)).fetchall()
             for job_id, sop, study, attempts in exhausted:
                 self._mark_failed(tx, job_id, sop, study, interrupted_reason(attempts, "analysing this image"), now)
-            cur = tx.execute("UPDATE analysis_jobs SET state = 'pending' WHERE state = 'running'")
+            cur = tx.execute("UPDATE analysis_jobs SET state = ? WHERE state = ?", (JobState.PENDING, JobState.RUNNING))
         for job_id, _, _, attempts in exhausted:
             log.error("analysis job %d failed: interrupted %d times, not run again", job_id, attempts)
         return cur.rowcount
 
     def start(self) -> None:
         recovered = self.recover()
-        self.objects.recover()
         self._replacements_seen = self._last_replacement()
         recover_superseded(self.db, self.store)
         if recovered:
             log.info("analysis: %d interrupted jobs re-queued", recovered)
-        # Analysis threads never build result objects, so a new image is never stuck behind a
-        # heatmap being rendered; one objects thread builds them when no analysis is waiting.
-        loops = [(self._analysis_step, f"analysis-{i}") for i in range(int(self.config["analyze"]["workers"]))]
-        loops.append((self._objects_step, "result-objects"))
-        for step, name in loops:
-            self._spawn(name, self._loop, step)
+        # Analysis threads never build result objects (the results stage's own thread does), so a
+        # new image is never stuck behind a heatmap being rendered.
+        for i in range(int(self.config["analyze"]["workers"])):
+            self._spawn(f"analysis-{i}", self._loop, self._analysis_step)
 
     def _analysis_step(self) -> bool:
         worked = self.run_once()
@@ -191,36 +225,18 @@ class AnalysisWorker(BackgroundService):
             self.settle_quiet_studies()
         return worked
 
-    def _objects_step(self) -> bool:
-        if self.db.query("SELECT 1 FROM analysis_jobs WHERE state = 'pending' AND next_attempt_at <= ? LIMIT 1",
-                         (utc_now(),)):
-            self._stop.wait(0.1)  # analysis first: triage is what the clinic is waiting for
-            return False
-        return self.objects.build_once()
-
     def _loop(self, step: Callable[[], bool]) -> None:
-        _lower_thread_priority()
-        # This thread's connection commits without waiting for the disk: every write here is
-        # redone after a power cut (a lost claim leaves the job pending, a lost result re-runs
-        # it with the same deterministic outcome), and the next synchronous commit of the store
-        # flushes these WAL frames too.  Ingest's commits stay synchronous=FULL.
-        self.db.db.execute("PRAGMA synchronous=NORMAL")
-        deferring_since: Optional[float] = None
+        prepare_worker_thread(self.db)
+        deferral = IngestDeferral(self.ingest_busy, self.max_defer_s)
         while not self._stop.is_set():
             # Before deferring to ingest: a replaced image must not show its old result meanwhile.
             try:
                 self.supersede_replaced()
             except Exception:  # noqa: BLE001 - a worker thread must survive anything
                 log.exception("superseding results of replaced images failed")
-            # Receiving has priority: an association waiting on us keeps a modality waiting.
-            # Analysis gives way while images arrive, but never for longer than max_defer_s.
-            if self.ingest_busy():
-                deferring_since = deferring_since or time.monotonic()
-                if time.monotonic() - deferring_since < self.max_defer_s:
-                    self._stop.wait(0.05)
-                    continue
-            else:
-                deferring_since = None
+            if deferral.waiting():
+                self._stop.wait(0.05)
+                continue
             try:
                 worked = step()
             except Exception:  # noqa: BLE001 - a worker thread must survive anything
@@ -258,8 +274,8 @@ class AnalysisWorker(BackgroundService):
     # -- queue ---------------------------------------------------------------------------
     def claim(self, study_uid: Optional[str] = None) -> Optional[dict[str, Any]]:
         now = utc_now()
-        where = "state = 'pending' AND next_attempt_at <= ?"
-        params: list[Any] = [now]
+        where = "state = ? AND next_attempt_at <= ?"
+        params: list[Any] = [JobState.PENDING, now]
         if study_uid:
             where += " AND study_uid = ?"
             params.append(study_uid)
@@ -269,10 +285,10 @@ class AnalysisWorker(BackgroundService):
                 return None
             # Counted before the job runs: an attempt that kills the process is an attempt.  A job
             # queued without a sha256 (by the store) is for the bytes current at its claim.
-            tx.execute("UPDATE analysis_jobs SET state = 'running', attempts = attempts + 1, updated_at = ?, "
+            tx.execute("UPDATE analysis_jobs SET state = ?, attempts = attempts + 1, updated_at = ?, "
                        "sha256 = CASE WHEN sha256 != '' THEN sha256 ELSE COALESCE((SELECT i.sha256 FROM instances i "
                        "WHERE i.sop_instance_uid = analysis_jobs.sop_instance_uid), '') END WHERE id = ?",
-                       (now, row[0]))
+                       (JobState.RUNNING, now, row[0]))
         return self.db.query("SELECT * FROM analysis_jobs WHERE id = ?", (row[0],))[0]
 
     def run_once(self, study_uid: Optional[str] = None) -> bool:
@@ -293,18 +309,17 @@ class AnalysisWorker(BackgroundService):
         return True
 
     def run_until_idle(self, study_uid: Optional[str] = None, timeout_s: float = 600) -> None:
+        """Run analysis jobs here until none is left (jobs another process runs, or that back
+        off, are waited for)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not (self.run_once(study_uid) or self.objects.build_once()):
-                scope = " AND study_uid = ?" if study_uid else ""
-                params = (study_uid,) if study_uid else ()
-                pending = self.db.query(
-                    f"SELECT (SELECT COUNT(*) FROM analysis_jobs WHERE state IN ('pending', 'running'){scope}) + "
-                    f"(SELECT COUNT(*) FROM analysis_results WHERE objects_state IN ('pending', 'building'){scope}) "
-                    "AS n", params * 2)[0]["n"]
-                if not pending:
-                    return
-                time.sleep(0.2)
+            if self.run_once(study_uid):
+                continue
+            scope, params = (" AND study_uid = ?", (study_uid,)) if study_uid else ("", ())
+            if not self.db.query(f"SELECT 1 FROM analysis_jobs WHERE state {OUTSTANDING_IN}{scope} LIMIT 1",
+                                 OUTSTANDING + params):
+                return
+            time.sleep(0.2)
 
     def _retry(self, job: dict[str, Any], error: str) -> None:
         attempts = job["attempts"]  # this attempt included (counted at the claim)
@@ -316,8 +331,8 @@ class AnalysisWorker(BackgroundService):
         delay = min(BACKOFF_CAP_S, 2 ** attempts)
         log.warning("analysis job %d: transient failure (%s), retry in %ds", job["id"], error, delay)
         with self.db.atomic() as tx:
-            tx.execute("UPDATE analysis_jobs SET state = 'pending', last_error = ?, next_attempt_at = ?, "
-                       "updated_at = ? WHERE id = ?", (error, _ts(now + timedelta(seconds=delay)), _ts(now), job["id"]))
+            tx.execute("UPDATE analysis_jobs SET state = ?, last_error = ?, next_attempt_at = ?, updated_at = ? "
+                       "WHERE id = ?", (JobState.PENDING, error, _ts(now + timedelta(seconds=delay)), _ts(now), job["id"]))
 
     def _fail(self, job: dict[str, Any], reason: str) -> None:
         with self.db.atomic() as tx:
@@ -326,13 +341,13 @@ class AnalysisWorker(BackgroundService):
     @staticmethod
     def _mark_failed(tx: Any, job_id: int, sop: str, study: str, reason: str, now: str) -> None:
         """The job failed with ``reason``; the image and the study's triage say so."""
-        cur = tx.execute("UPDATE analysis_jobs SET state = 'failed', last_error = ?, updated_at = ? "
-                         "WHERE id = ? AND state = 'running'", (reason, now, job_id))
+        cur = tx.execute("UPDATE analysis_jobs SET state = ?, last_error = ?, updated_at = ? "
+                         "WHERE id = ? AND state = ?", (JobState.FAILED, reason, now, job_id, JobState.RUNNING))
         if not cur.rowcount:  # already settled (its results were committed): nothing failed
             return
         statuses = {r[0] for r in tx.execute("SELECT status FROM analysis_results WHERE sop_instance_uid = ?", (sop,))}
         tx.execute("UPDATE instances SET state = ? WHERE sop_instance_uid = ?",
-                   (_instance_state(statuses | {"failed"}), sop))
+                   (_instance_state(statuses | {ResultStatus.FAILED}), sop))
         triage.update_study(tx, study, now)
 
     # -- one job -------------------------------------------------------------------------
@@ -340,18 +355,19 @@ class AnalysisWorker(BackgroundService):
         sop = job["sop_instance_uid"]
         instance = self.db.query("SELECT file_path FROM instances WHERE sop_instance_uid = ?", (sop,))[0]
         data, sha = read_instance(Path(instance["file_path"]))
-        job = {**job, "read_sha256": sha}
+        job = {**job, "read_sha256": sha, "fingerprint": {}}
         rows: list[dict[str, Any]] = []
         try:
             header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         except (pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
-            rows.append(self._row(job, ROUTER, "1", "failed", error=f"stored file unreadable: {exc}"))
+            rows.append(self._row(job, ROUTER, "1", ResultStatus.FAILED, error=f"stored file unreadable: {exc}"))
             self._commit(job, rows)
             return
+        job["fingerprint"] = acquisition_fingerprint(header)
         routes = route(header, self.catalog)
         if not routes:
             modality = str(header.get("Modality", "") or "unknown")
-            rows.append(self._row(job, ROUTER, "1", "abstained", code="NO_APPLICABLE_MODEL",
+            rows.append(self._row(job, ROUTER, "1", ResultStatus.ABSTAINED, code="NO_APPLICABLE_MODEL",
                                   reason=f"no installed model is made for {modality} images"))
         done = {(r["model_id"], r["model_version"]) for r in self.db.query(
             "SELECT model_id, model_version FROM analysis_results WHERE sop_instance_uid = ? AND sha256 = ?", (sop, sha))}
@@ -363,34 +379,33 @@ class AnalysisWorker(BackgroundService):
 
     def _analyze(self, job: dict[str, Any], data: bytes, r: Route) -> dict[str, Any]:
         if r.manifest is None:
-            return self._row(job, r.model_id, r.version, "failed", error=r.error)
+            return self._row(job, r.model_id, r.version, ResultStatus.FAILED, error=r.error)
         try:
             runner = get_runner(r.model_id, self.config)
-            # The heatmap overlay is for the result objects, built later (see objects.py).
+            # The overlay is drawn by the results stage, from the evidence this run records.
             result = runner.analyze(data, make_heatmap=False)
         except (ManifestError, InferenceError) as exc:
-            return self._row(job, r.model_id, r.version, "failed", error=f"model cannot run: {exc}")
+            return self._row(job, r.model_id, r.version, ResultStatus.FAILED, error=f"model cannot run: {exc}")
         except (TRANSIENT + (KeyboardInterrupt, SystemExit)):
             raise
         except BaseException as exc:  # noqa: BLE001 - this model fails on this image; others still run
             log.error("analysis job %d: %s raised %s on this image (reason recorded on the case)",
                       job["id"], r.model_id, type(exc).__name__)
-            return self._row(job, r.model_id, r.version, "failed", error=f"analysis failed: {failure_reason(exc)}")
+            return self._row(job, r.model_id, r.version, ResultStatus.FAILED,
+                             error=f"analysis failed: {failure_reason(exc)}")
         if result.abstention is not None and result.abstention.code == "UNREADABLE_PIXELS" \
                 and result.abstention.reason.startswith("cannot decode"):
             # Corrupt pixel data is a failure of this case, not a judgement about the image.
-            return self._row(job, r.model_id, r.version, "failed", error=result.abstention.reason)
+            return self._row(job, r.model_id, r.version, ResultStatus.FAILED, error=result.abstention.reason)
         return self._result_row(job, result)
 
     def _result_row(self, job: dict[str, Any], result: AnalysisResult) -> dict[str, Any]:
-        row = self._row(
-            job, result.model, result.model_version, "analyzed" if result.analyzed else "abstained",
-            findings=[vars(f) for f in result.findings],
-            code=result.abstention.code if result.abstention else "",
-            reason=result.abstention.reason if result.abstention else "",
-            backend=result.backend, precision=result.precision,
-        )
-        row["objects_state"] = "pending"
+        row = self._row(job, result.model, result.model_version, result.status)
+        fingerprint = row["fingerprint_json"]
+        row.update(result.record())
+        if not result.fingerprint:  # no header decoded: the one the job read
+            row["fingerprint_json"] = fingerprint
+        row["objects_state"] = ObjectsState.PENDING
         return row
 
     @staticmethod
@@ -400,7 +415,8 @@ class AnalysisWorker(BackgroundService):
             "sop_instance_uid": job["sop_instance_uid"], "study_uid": job["study_uid"], "model_id": model_id,
             "model_version": version, "status": status, "findings_json": json.dumps(list(findings)),
             "abstention_code": code, "abstention_reason": reason, "error": error, "backend": backend,
-            "precision": precision, "objects_state": "none", "sha256": job["read_sha256"], "created_at": utc_now(),
+            "precision": precision, "objects_state": ObjectsState.NONE, "sha256": job["read_sha256"],
+            "fingerprint_json": json.dumps(job["fingerprint"]), "created_at": utc_now(),
         }
 
     def _commit(self, job: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -413,8 +429,8 @@ class AnalysisWorker(BackgroundService):
         with self.db.atomic() as tx:
             current = tx.execute("SELECT sha256 FROM instances WHERE sop_instance_uid = ?", (sop,)).fetchone()
             if current is None or current[0] != sha:
-                tx.execute("UPDATE analysis_jobs SET state = 'pending', attempts = MAX(attempts - 1, 0), sha256 = ?, "
-                           "updated_at = ? WHERE id = ?", (current[0] if current else "", now, job["id"]))
+                tx.execute("UPDATE analysis_jobs SET state = ?, attempts = MAX(attempts - 1, 0), sha256 = ?, "
+                           "updated_at = ? WHERE id = ?", (JobState.PENDING, current[0] if current else "", now, job["id"]))
                 log.info("analysis %s: the image was replaced while analysed; analysing the new bytes", sop)
                 return
             files = supersede_stale(tx, self.store, sop, now)
@@ -425,8 +441,8 @@ class AnalysisWorker(BackgroundService):
                 )
             statuses = {r[0] for r in tx.execute(
                 "SELECT status FROM analysis_results WHERE sop_instance_uid = ?", (job["sop_instance_uid"],))}
-            tx.execute("UPDATE analysis_jobs SET state = 'done', sha256 = ?, updated_at = ? WHERE id = ?",
-                       (sha, now, job["id"]))
+            tx.execute("UPDATE analysis_jobs SET state = ?, sha256 = ?, updated_at = ? WHERE id = ?",
+                       (JobState.DONE, sha, now, job["id"]))
             tx.execute("UPDATE instances SET state = ? WHERE sop_instance_uid = ?",
                        (_instance_state(statuses), job["sop_instance_uid"]))
             priority = triage.update_study(tx, job["study_uid"], now)
@@ -447,8 +463,8 @@ class AnalysisWorker(BackgroundService):
         with self.db.atomic() as tx:
             cur = tx.execute(
                 "UPDATE studies SET settled_at = ? WHERE settled_at = '' AND last_received_at <= ? AND NOT EXISTS "
-                "(SELECT 1 FROM analysis_jobs j WHERE j.study_uid = studies.study_uid AND j.state IN ('pending', 'running'))",
-                (_ts(now), cutoff),
+                f"(SELECT 1 FROM analysis_jobs j WHERE j.study_uid = studies.study_uid AND j.state {OUTSTANDING_IN})",
+                (_ts(now), cutoff, *OUTSTANDING),
             )
             return cur.rowcount
 
@@ -461,13 +477,14 @@ def enqueue_study(database: Database, study_uid: str) -> int:
     keeping the older results; results on bytes since replaced are superseded, as always.
     """
     now = utc_now()
+    clinical, clinical_params = clinical_sql("i.source")
     with database.atomic() as tx:
         cur = tx.execute(
             "INSERT INTO analysis_jobs (sop_instance_uid, study_uid, state, sha256, created_at, updated_at) "
-            "SELECT i.sop_instance_uid, i.study_uid, 'pending', i.sha256, ?, ? FROM instances i "
-            "WHERE i.study_uid = ? AND i.source != 'ai' AND i.sop_instance_uid IN "
+            "SELECT i.sop_instance_uid, i.study_uid, ?, i.sha256, ?, ? FROM instances i "
+            f"WHERE i.study_uid = ? AND {clinical} AND i.sop_instance_uid IN "
             "(SELECT sop_instance_uid FROM analysis_jobs) AND NOT EXISTS (SELECT 1 FROM analysis_jobs j "
-            "WHERE j.sop_instance_uid = i.sop_instance_uid AND j.state IN ('pending', 'running'))",
-            (now, now, study_uid),
+            f"WHERE j.sop_instance_uid = i.sop_instance_uid AND j.state {OUTSTANDING_IN})",
+            (JobState.PENDING, now, now, study_uid, *clinical_params, *OUTSTANDING),
         )
         return cur.rowcount

@@ -22,7 +22,7 @@ from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
 from .. import __version__
-from ..analyze.runner import AI_NOTICE, AnalysisResult
+from ..analyze.result import AI_NOTICE, AnalysisResult
 from .conform import Change, conform_dataset
 
 from ..store import AI_MANUFACTURER as MANUFACTURER  # one name for "made by this box"

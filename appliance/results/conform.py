@@ -41,7 +41,7 @@ Rules, per VR (leading and trailing spaces are padding everywhere and are droppe
   its SOP Class, Study, Series and SOP Instance UIDs.  When one of those is invalid, no valid
   object can do that: a substitute UID would file the objects in a study of their own (in the
   box's store and at the PACS) and point at an image that does not exist, and the invalid UID
-  itself would make the objects invalid.  So the builders refuse (:class:`InvalidSourceUID`,
+  itself would make the objects invalid.  So the builders refuse (:class:`~appliance.errors.InvalidSourceUID`,
   naming the attribute and the rule); the objects worker records that as the reason the
   image's AI objects failed, while the result itself is shown and triaged as usual.  (The box's
   store already refuses letters and over-long values in these four; a leading zero it accepts.)
@@ -64,6 +64,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DA, DT, MAX_VALUE_LEN, TM, VALIDATORS, format_number_as_ds
+
+from ..errors import InvalidSourceUID
 
 NORMALISED = "normalised"   # same meaning, another spelling: not noted in the SR
 CHANGED = "changed"         # a backslash in a name or description became a space: noted
@@ -101,10 +103,6 @@ REASONS = {
     "IS": "the source's value is not a valid Integer String",
     "DS": "the source's value is not a valid Decimal String",
 }
-
-
-class InvalidSourceUID(ValueError):
-    """A source UID the AI objects must reference (see REFERENCE_UIDS) is not a valid UID."""
 
 
 @dataclass(frozen=True)
@@ -338,7 +336,7 @@ def conform_dataset(ds: Dataset, _top: str = "") -> list[Change]:
     """Make every covered value of ``ds`` (and of its sequences' items) valid, in place.
 
     Returns what was changed.  Call it on a copy, never on a stored dataset.  Raises
-    :class:`InvalidSourceUID` when one of the top-level REFERENCE_UIDS is invalid.
+    :class:`~appliance.errors.InvalidSourceUID` when one of the top-level REFERENCE_UIDS is invalid.
     """
     changes: list[Change] = []
     birth, on = (_strip("DA", str(ds.get(k, "") or "")) for k in ("PatientBirthDate", "StudyDate"))

@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from ..analyze.runner import AI_NOTICE, AnalysisResult, FindingResult
+from ..analyze.result import AI_NOTICE, AnalysisResult, FindingResult
 from .common import (CHARACTER_SET, MANUFACTURER, MODEL_NAME, SC_KEYWORDS, frame_number, lo, notices,
                      software_versions, source_copy)
 

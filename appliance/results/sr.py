@@ -36,7 +36,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from ..analyze.runner import AI_NOTICE, AnalysisResult, FindingResult
+from ..analyze.result import AI_NOTICE, AnalysisResult, FindingResult
 from .common import (CHARACTER_SET, MANUFACTURER, MODEL_NAME, derived_uid, device_uid, frame_number,
                      lo, notices, software_versions, source_copy, sr_keywords)
 

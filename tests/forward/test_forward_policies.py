@@ -43,11 +43,11 @@ def web_destination(name: str, hub, **options) -> str:
 
 def analysed_box(tmp_path: Path, engines: Path, *tables: str):
     box = make_box(tmp_path, f'[analyze]\nengines_dir = "{engines}"\n', *tables, environ=ENV)
-    from appliance.analyze.worker import AnalysisWorker
+    from appliance.pipeline import Pipeline
 
     chest = box.store.store(sample("RG1_UNCR.dcm").read_bytes(), calling_ae="MODALITY", source="dicom")
     ct = box.store.store(sample("CT_small.dcm").read_bytes(), calling_ae="MODALITY", source="dicom")
-    AnalysisWorker(box.config, box.db, box.store).run_until_idle()
+    Pipeline(box.config, box.db, box.store).run_until_idle()
     return box, chest.study_uid, ct.study_uid
 
 

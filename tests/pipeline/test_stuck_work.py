@@ -29,14 +29,14 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import generate_uid
 
-from appliance.results import worker as objects_module
 from appliance.analyze import worker as worker_module
 from appliance.analyze.runner import ModelRunner
-from appliance.analyze.worker import AnalysisWorker
 from appliance.catalog import list_studies
 from appliance.config import PROJECT_ROOT, load_config
 from appliance.db import Database, open_database
 from appliance.forward import outbox, study_forwarding
+from appliance.pipeline import Pipeline
+from appliance.results import worker as results_worker
 from appliance.store import InstanceStore
 from tests.analyze.toy_package import build_package, toy_graph, write_manifest
 from tests.forward.conftest import PASSWORD, orthanc_factory  # noqa: F401 - the shared Orthanc fixture
@@ -300,7 +300,7 @@ def box(tmp_path):
                                                  "storage.min_free_mb": 0}, environ={})
     database = open_database(config.data_dir)
     store = InstanceStore(config.data_dir, database, 0)
-    return config, database, store, AnalysisWorker(config, database, store)
+    return config, database, store, Pipeline(config, database, store)
 
 
 class Odd(BaseException):
@@ -314,11 +314,11 @@ def _raise(exc: BaseException) -> Callable[..., Any]:
 
 
 def test_any_exception_from_the_model_runner_fails_that_result_with_the_reason(box, monkeypatch, caplog):
-    config, database, store, worker = box
+    config, database, store, pipeline = box
     outcome = store.store(paediatric_sample_bytes())
     monkeypatch.setattr(ModelRunner, "analyze", _raise(RuntimeError("cannot handle Zebedee's image")))
     with caplog.at_level(logging.INFO):
-        assert worker.run_once()
+        assert pipeline.analysis.run_once()
     (row,) = database.query("SELECT * FROM analysis_results")
     assert (row["model_id"], row["status"]) == ("cxr-pneumonia", "failed")
     assert row["error"] == "analysis failed: RuntimeError: cannot handle Zebedee's image"
@@ -327,55 +327,55 @@ def test_any_exception_from_the_model_runner_fails_that_result_with_the_reason(b
     (study,) = list_studies(database)
     assert study["notes"] == [f"analysis failed (cxr-pneumonia {row['model_version']}): {row['error']}"]
     assert "RuntimeError" in caplog.text and "Zebedee" not in caplog.text  # the type, never the message
-    worker.quiet_s = 0
-    assert worker.settle_quiet_studies() == 1  # nothing outstanding: the study settles (and may be forwarded)
+    pipeline.analysis.quiet_s = 0
+    assert pipeline.analysis.settle_quiet_studies() == 1  # nothing outstanding: the study settles (and may be forwarded)
     assert database.query("SELECT settled_at FROM studies WHERE study_uid = ?", (outcome.study_uid,))[0]["settled_at"]
 
 
 def test_an_exception_outside_the_models_fails_the_job_with_the_reason(box, monkeypatch):
-    config, database, store, worker = box
+    config, database, store, pipeline = box
     store.store(paediatric_sample_bytes())
     monkeypatch.setattr(worker_module, "route", _raise(Odd("routing table upside down")))
-    assert worker.run_once()
+    assert pipeline.analysis.run_once()
     (job_row,) = database.query("SELECT state, attempts, last_error FROM analysis_jobs")
     assert job_row == {"state": "failed", "attempts": 1, "last_error": "Odd: routing table upside down"}
     assert database.query("SELECT state FROM instances")[0]["state"] == "failed"
     assert database.query("SELECT state, priority FROM studies") == [{"state": "analyzed", "priority": "not_analyzed"}]
     (study,) = list_studies(database)
     assert study["notes"] == ["analysis failed: Odd: routing table upside down"]
-    assert not worker.run_once()  # nothing left, nothing re-run
+    assert not pipeline.analysis.run_once()  # nothing left, nothing re-run
 
 
 def test_a_kill_mid_job_counts_and_recovery_fails_it_after_max_attempts(box, monkeypatch):
-    config, database, store, worker = box
-    worker.max_attempts = 2
+    config, database, store, pipeline = box
+    pipeline.analysis.max_attempts = 2
     store.store(paediatric_sample_bytes())
     # KeyboardInterrupt stands for the process ending mid-job: it is not caught, the job stays running.
     monkeypatch.setattr(worker_module, "route", _raise(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        worker.run_once()
+        pipeline.analysis.run_once()
     assert database.query("SELECT state, attempts FROM analysis_jobs") == [{"state": "running", "attempts": 1}]
-    assert worker.recover() == 1  # under the bound: back to pending
+    assert pipeline.analysis.recover() == 1  # under the bound: back to pending
     with pytest.raises(KeyboardInterrupt):
-        worker.run_once()
-    assert worker.recover() == 0  # at the bound: failed, not re-queued
+        pipeline.analysis.run_once()
+    assert pipeline.analysis.recover() == 0  # at the bound: failed, not re-queued
     (job_row,) = database.query("SELECT state, attempts, last_error FROM analysis_jobs")
     assert (job_row["state"], job_row["attempts"]) == ("failed", 2)
     assert job_row["last_error"].startswith("Interrupted: the appliance stopped 2 times while analysing this image")
     assert database.query("SELECT state FROM instances")[0]["state"] == "failed"
-    assert not worker.run_once()
+    assert not pipeline.analysis.run_once()
 
 
 def test_any_exception_from_the_sr_builder_fails_the_objects_and_never_blocks_forwarding(box, monkeypatch):
-    config, database, store, worker = box
+    config, database, store, pipeline = box
     outcome = store.store(paediatric_sample_bytes())
-    assert worker.run_once()
-    monkeypatch.setattr(objects_module, "build_ai_sr", _raise(LookupError("builder refused")))
-    assert worker.objects.build_once()
+    assert pipeline.analysis.run_once()
+    monkeypatch.setattr(results_worker, "build_ai_sr", _raise(LookupError("builder refused")))
+    assert pipeline.objects.build_once()
     (row,) = database.query("SELECT * FROM analysis_results")
     assert (row["status"], row["objects_state"], row["objects_attempts"]) == ("analyzed", "failed", 1)
     assert row["objects_error"] == "result objects cannot be built: LookupError: builder refused"
-    assert not worker.objects.build_once()  # failed is final
+    assert not pipeline.objects.build_once()  # failed is final
     assert database.query("SELECT COUNT(*) AS n FROM instances WHERE source = 'ai'")[0]["n"] == 0
 
     item_id = outbox.request_forward(database, config, outcome.study_uid, "hub")
@@ -389,26 +389,26 @@ def test_any_exception_from_the_sr_builder_fails_the_objects_and_never_blocks_fo
 
 
 def test_a_kill_mid_build_counts_and_recovery_fails_the_objects_after_max_attempts(box, monkeypatch):
-    config, database, store, worker = box
-    worker.objects.max_attempts = 1
+    config, database, store, pipeline = box
+    pipeline.objects.max_attempts = 1
     store.store(paediatric_sample_bytes())
-    assert worker.run_once()
-    monkeypatch.setattr(objects_module, "build_heatmap_sc", _raise(SystemExit(9)))
+    assert pipeline.analysis.run_once()
+    monkeypatch.setattr(results_worker, "build_heatmap_sc", _raise(SystemExit(9)))
     with pytest.raises(SystemExit):
-        worker.objects.build_once()
+        pipeline.objects.build_once()
     assert database.query("SELECT objects_state, objects_attempts FROM analysis_results") == [
         {"objects_state": "building", "objects_attempts": 1}]
-    worker.objects.recover()
+    pipeline.objects.recover()
     (row,) = database.query("SELECT objects_state, objects_error FROM analysis_results")
     assert row["objects_state"] == "failed"
     assert row["objects_error"].startswith("Interrupted: the appliance stopped once while building the AI objects")
 
 
 def test_both_stuck_images_end_in_process(box, tmp_path):
-    config, database, store, worker = box
+    config, database, store, pipeline = box
     for path in (stuck_ultrasound(tmp_path / "us.dcm"), stuck_chest(tmp_path / "cr.dcm")):
         store.store(path.read_bytes())
-    worker.run_until_idle(timeout_s=300)
+    pipeline.run_until_idle(timeout_s=300)
     assert {r["state"] for r in database.query("SELECT state FROM analysis_jobs")} == {"done"}
     states = {r["model_id"]: (r["status"], r["objects_state"]) for r in database.query(
         "SELECT model_id, status, objects_state FROM analysis_results")}

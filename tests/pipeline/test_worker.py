@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from appliance.analyze.worker import AnalysisWorker
 from appliance.config import PROJECT_ROOT, load_config
 from appliance.db import open_database
+from appliance.pipeline import Pipeline
 from appliance.store import InstanceStore
 from tests.helpers import paediatric_sample_bytes, run_cli, sample
 
@@ -21,58 +21,58 @@ def box(tmp_path):
                                     "storage.min_free_mb": 0}, environ={})
     database = open_database(config.data_dir)
     store = InstanceStore(config.data_dir, database, 0)
-    return config, database, store, AnalysisWorker(config, database, store)
+    return config, database, store, Pipeline(config, database, store)
 
 
 def test_result_comes_first_objects_follow_with_backoff(box):
-    config, database, store, worker = box
+    config, database, store, pipeline = box
     store.store(paediatric_sample_bytes())
     store.min_free_mb = 10**9  # the AI objects cannot be written: a transient condition
-    assert worker.run_once()  # the analysis itself needs no disk space: its result is committed
+    assert pipeline.analysis.run_once()  # the analysis itself needs no disk space: its result is committed
     result = database.query("SELECT * FROM analysis_results")[0]
     assert result["status"] == "analyzed" and result["objects_state"] == "pending" and result["sr_path"] == ""
     assert database.query("SELECT priority FROM studies")[0]["priority"] in ("urgent", "routine")
 
-    assert not worker.run_once()  # no analysis left
-    assert worker.objects.build_once()  # building the objects fails and backs off
+    assert not pipeline.analysis.run_once()  # no analysis left
+    assert pipeline.objects.build_once()  # building the objects fails and backs off
     result = database.query("SELECT * FROM analysis_results")[0]
     assert result["objects_state"] == "pending" and result["objects_attempts"] == 1
     assert "OutOfSpaceError" in result["objects_error"] and result["objects_next_at"] > result["created_at"]
-    assert not worker.objects.build_once()  # not before its backoff expires
+    assert not pipeline.objects.build_once()  # not before its backoff expires
 
     store.min_free_mb = 0
     with database.atomic() as tx:
         tx.execute("UPDATE analysis_results SET objects_next_at = ''")
-    assert worker.objects.build_once()
+    assert pipeline.objects.build_once()
     result = database.query("SELECT * FROM analysis_results")[0]
     assert result["objects_state"] == "done" and result["sr_path"] and result["heatmap_path"]
     assert database.query("SELECT COUNT(*) AS n FROM instances WHERE source = 'ai'")[0]["n"] == 2
 
 
 def test_objects_that_keep_failing_are_marked_failed(box):
-    config, database, store, worker = box
-    worker.objects.max_attempts = 2
+    config, database, store, pipeline = box
+    pipeline.objects.max_attempts = 2
     store.store(paediatric_sample_bytes())
     store.min_free_mb = 10**9
-    worker.run_once()
-    worker.objects.build_once()
+    pipeline.analysis.run_once()
+    pipeline.objects.build_once()
     with database.atomic() as tx:
         tx.execute("UPDATE analysis_results SET objects_next_at = ''")
-    worker.objects.build_once()
+    pipeline.objects.build_once()
     result = database.query("SELECT * FROM analysis_results")[0]
     assert result["objects_state"] == "failed" and "OutOfSpaceError" in result["objects_error"]
     assert database.query("SELECT state FROM instances")[0]["state"] == "analyzed"  # the finding stands
 
 
 def test_reanalysis_with_newer_model_version_keeps_both(box, tmp_path):
-    config, database, store, worker = box
+    config, database, store, pipeline = box
     outcome = store.store(paediatric_sample_bytes())
-    worker.run_until_idle()
-    manifest = config.get("analyze.engines_dir") + "/cxr-pneumonia/manifest.toml"
+    pipeline.run_until_idle()
+    manifest = config.analyze.engines_dir / "cxr-pneumonia" / "manifest.toml"
     text = open(manifest).read()
     version = re.search(r'^version = "([^"]+)"', text, re.M).group(1)
     open(manifest, "w").write(text.replace(f'version = "{version}"', 'version = "99.0.0"', 1))
-    env = {"APPLIANCE_ANALYZE_ENGINES_DIR": config.get("analyze.engines_dir"), "APPLIANCE_STORAGE_MIN_FREE_MB": "0"}
+    env = {"APPLIANCE_ANALYZE_ENGINES_DIR": str(config.analyze.engines_dir), "APPLIANCE_STORAGE_MIN_FREE_MB": "0"}
     result = run_cli("analyze", "--study", outcome.study_uid, "--data-dir", str(config.data_dir), env=env)
     assert result.returncode == 0, result.stderr
     assert f"cxr-pneumonia {version}: 1 analyzed" in result.stdout

@@ -8,7 +8,7 @@ from pydicom.dataset import Dataset
 
 from appliance.analyze import heatmap
 from appliance.analyze.gate import Abstention
-from appliance.analyze.runner import AI_NOTICE, AnalysisResult, FindingResult
+from appliance.analyze.result import AI_NOTICE, AnalysisResult, FindingResult
 from appliance.imaging.decode import decode
 from tests.helpers import sample
 

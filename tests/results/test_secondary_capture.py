@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from appliance.analyze.runner import AI_NOTICE, AnalysisResult
+from appliance.analyze.result import AI_NOTICE, AnalysisResult
 from appliance.results import build_heatmap_sc
 from appliance.results.common import PATIENT_STUDY_KEYWORDS
 from appliance.results.secondary_capture import annotation_lines, ascii_text, burn_in

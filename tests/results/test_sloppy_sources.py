@@ -26,7 +26,7 @@ from appliance.db import open_database
 from appliance.errors import InvalidDatasetError
 from appliance.results import build_ai_sr, build_heatmap_sc, write_part10
 from appliance.results.common import SC_KEYWORDS
-from appliance.results.conform import InvalidSourceUID
+from appliance.errors import InvalidSourceUID
 from appliance.results.sr import LOCAL_SCHEME
 from appliance.store import InstanceStore
 from tests.helpers import resized_copy, sample
@@ -170,7 +170,7 @@ def test_sloppy_source_gives_valid_sr_and_sc(profile: str, source: str, template
     store = InstanceStore(data_dir, open_database(data_dir), 0)
     stored = store.store(sent, source="dicom").path
 
-    # As the objects worker reads it (analyze/objects.py), with the model's result.
+    # As the objects worker reads it (results/worker.py), with the model's result.
     header = pydicom.dcmread(stored, stop_before_pixels=True)
     result = analyzed(templates[source], frame=SOURCES[source][1])
     sr = build_ai_sr(header, result, sop_instance_uid=generate_uid(), series_instance_uid=generate_uid())

@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
 
-from appliance.analyze.runner import AI_NOTICE, AnalysisResult
+from appliance.analyze.result import AI_NOTICE, AnalysisResult
 from appliance.results import build_ai_sr, write_part10
 from appliance.results.common import PATIENT_STUDY_KEYWORDS
 from tests.results.conftest import US_FRAME, abstained, analyzed

@@ -84,7 +84,7 @@ def ingest_and_analyse(data_dir: Path, engines_dir: Path, names: tuple[str, ...]
     """
     import pydicom
 
-    from appliance.analyze.worker import AnalysisWorker
+    from appliance.pipeline import Pipeline
     from appliance.store import InstanceStore
 
     config = make_config(data_dir, engines_dir)
@@ -95,7 +95,7 @@ def ingest_and_analyse(data_dir: Path, engines_dir: Path, names: tuple[str, ...]
         path = sample(name)
         store.store(path.read_bytes(), calling_ae="TEST", source="import")
         uids[name] = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-    AnalysisWorker(config, database, store).run_until_idle()
+    Pipeline(config, database, store).run_until_idle()
     database.close()
     return uids
 

@@ -199,7 +199,7 @@ def test_study_view_shows_failed_work_and_superseded_results(study_app: Any, urg
     earlier results are listed as not current."""
     import pydicom
 
-    from appliance.analyze.worker import AnalysisWorker
+    from appliance.pipeline import Pipeline
     from appliance.db import open_database
     from appliance.store import InstanceStore
     from tests.helpers import sample
@@ -220,7 +220,7 @@ def test_study_view_shows_failed_work_and_superseded_results(study_app: Any, urg
     ds.save_as(buffer)
     store = InstanceStore(data_dir, database, 0)
     assert store.store(buffer.getvalue(), calling_ae="TEST", source="dicom").action == "replaced"
-    AnalysisWorker(make_config(data_dir, urgent_engines), database, store).run_until_idle()
+    Pipeline(make_config(data_dir, urgent_engines), database, store).run_until_idle()
     database.close()
 
     client = study_app.test_client()
