@@ -203,8 +203,8 @@ def mark_instances(database: Database, item_id: Optional[int], updates: list[dic
                 "UPDATE outbox_instances SET state = ?, remote_sop_instance_uid = COALESCE(?, remote_sop_instance_uid), "
                 "bytes_sent = COALESCE(?, bytes_sent), transfer_syntax_sent = COALESCE(?, transfer_syntax_sent), "
                 "reason = COALESCE(?, reason), updated_at = ? WHERE item_id = ? AND sop_instance_uid = ?",
-                (OutboxInstanceState(u["state"]).value, u.get("remote_sop_instance_uid"), u.get("bytes_sent"), u.get("transfer_syntax_sent"),
-                 u.get("reason"), now, u.get("item_id", item_id), u["sop_instance_uid"]))
+                (OutboxInstanceState(u["state"]).value, u.get("remote_sop_instance_uid"), u.get("bytes_sent"),
+                 u.get("transfer_syntax_sent"), u.get("reason"), now, u.get("item_id", item_id), u["sop_instance_uid"]))
 
 
 def confirm_present(database: Database, item_id: int, remote_present: set[str]) -> int:
