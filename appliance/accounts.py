@@ -44,6 +44,8 @@ class AccountError(ApplianceError):
     first administrator), ``last_admin`` (disabling or demoting the last active administrator).
     """
 
+    code = "account_refused"
+
     def __init__(self, code: str, message: str):
         self.code = code
         super().__init__(message)

@@ -47,23 +47,39 @@ _last_opened: list[Path] = []  # for the CLI's message about an error met after 
 
 
 class DatabaseUnusableError(ApplianceError):
-    """The database cannot be used as it is; the message says why and what to do."""
+    """The database cannot be used as it is: ``problem`` (one line) says why, the message adds
+    what to do (``remedy``)."""
+
+    code = "database_unusable"
+
+    def __init__(self, problem: str, remedy: str = ""):
+        self.problem = problem
+        self.remedy = remedy
+        super().__init__(f"{problem}\n{remedy}" if remedy else problem)
 
 
 class DatabaseMissingError(DatabaseUnusableError):
     """The database file is missing or empty although the box has a past."""
 
+    code = "database_missing"
+
 
 class DatabaseCorruptError(DatabaseUnusableError):
     """The database file is not a database, is truncated, or has a damaged page."""
+
+    code = "database_corrupt"
 
 
 class DatabaseMismatchError(DatabaseUnusableError):
     """The database is readable but is not this box's: it lacks the users or images the box had."""
 
+    code = "database_mismatch"
+
 
 class DatabaseInUseError(DatabaseUnusableError):
     """Another appliance process has the database open (or a rebuild is running)."""
+
+    code = "database_in_use"
 
 
 @dataclass
@@ -140,7 +156,7 @@ def translate(exc: sqlite3.Error, path: Path) -> DatabaseUnusableError:
     damaged = type(exc) is sqlite3.DatabaseError or any(
         words in message for words in ("malformed", "not a database", "disk I/O error"))
     if damaged:
-        return DatabaseCorruptError(f"the database {path} is damaged ({message}).\n{remedy(path.parent)}")
+        return DatabaseCorruptError(f"the database {path} is damaged ({message}).", remedy(path.parent))
     return DatabaseUnusableError(f"cannot use the database {path}: {message}")
 
 
@@ -152,7 +168,7 @@ def quick_check(database: Database) -> None:
     if rows != ["ok"]:
         detail = "; ".join(rows[:3]) + (f" (and {len(rows) - 3} more problems)" if len(rows) > 3 else "")
         raise DatabaseCorruptError(f"the database {database.path} is damaged (quick_check: "
-                                   f"{' '.join(detail.split())[:DETAIL_CHARS]}).\n{remedy(database.path.parent)}")
+                                   f"{' '.join(detail.split())[:DETAIL_CHARS]}).", remedy(database.path.parent))
     elapsed = time.monotonic() - started
     log.log(logging.INFO if elapsed >= 1.0 else logging.DEBUG, "database quick_check: ok in %.2f s", elapsed)
 
@@ -191,7 +207,7 @@ def _refuse_blank(data_dir: Path, path: Path, history: Optional[History]) -> Non
         return
     state = "is missing" if not path.exists() else "is empty (0 bytes)"
     raise DatabaseMissingError(
-        f"the database {path} {state}, although this box has {' and '.join(past)}.\n"
+        f"the database {path} {state}, although this box has {' and '.join(past)}.",
         "The box does not start on a new, empty database: that would silently lose its users, audit log, "
         "reviews, forwarding outbox and de-identification secret, and open the first-administrator set-up "
         f"to the network.\n{remedy(data_dir)}")
@@ -209,7 +225,7 @@ def _refuse_foreign(data_dir: Path, path: Path, history: Optional[History], foun
     if lacks:
         raise DatabaseMismatchError(
             f"the database {path} is not this box's database: it holds {' and '.join(lacks)} "
-            f"(an empty database created after the real one was lost?).\n{remedy(data_dir)}")
+            "(an empty database created after the real one was lost?).", remedy(data_dir))
     if history is not None and history.database_id:
         log.warning("the database %s is not the one recorded in %s (restored from an older backup?); "
                     "recording it as the box's database", path, history_path(data_dir))

@@ -39,6 +39,8 @@ SQLITE_SIDE_FILES = ("", "-wal", "-shm")  # the database and the files SQLite ke
 class RebuildRefusedError(DatabaseUnusableError):
     """A rebuild was not started (the database is usable and --force was not given)."""
 
+    code = "rebuild_refused"
+
 
 @dataclass
 class RebuildSummary:
@@ -76,7 +78,7 @@ def diagnose(data_dir: Path) -> str:
     try:
         database = open_checked(data_dir, check_integrity=True)
     except DatabaseUnusableError as exc:
-        return str(exc).split("\n", 1)[0]
+        return exc.problem
     database.close()
     return ""
 

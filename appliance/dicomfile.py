@@ -16,7 +16,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import VR
 
-from .errors import InvalidDatasetError
+from .errors import InvalidDatasetError, UnparsableDatasetError
 
 # Real modalities send slightly non-conformant values all the time; we store bytes as received
 # and must not flood the log with per-element warnings (which could also quote patient data).
@@ -33,7 +33,7 @@ def text(ds: Dataset, keyword: str) -> str:
 
 
 def parse_part10(data: bytes) -> Dataset:
-    """Parse a DICOM Part 10 byte string completely; raise InvalidDatasetError if it is not one.
+    """Parse a DICOM Part 10 byte string completely; raise UnparsableDatasetError if it is not one.
 
     pydicom parses lazily, so every element is checked here (see :func:`_check_elements`): a
     garbled element must fail now, at the door, not later in the analysis worker.
@@ -47,7 +47,7 @@ def parse_part10(data: bytes) -> Dataset:
     except InvalidDatasetError:
         raise
     except Exception as exc:  # pydicom raises many types on garbage
-        raise InvalidDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
+        raise UnparsableDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
     return ds
 
 
@@ -62,7 +62,7 @@ def _check_lengths(ds: Dataset) -> None:
         length = getattr(raw, "length", None)
         value = getattr(raw, "value", None)
         if length not in (None, UNDEFINED_LENGTH) and isinstance(value, bytes) and len(value) != length:
-            raise InvalidDatasetError(f"cannot parse dataset: element {tag} truncated ({len(value)} of {length} bytes)")
+            raise UnparsableDatasetError(f"cannot parse dataset: element {tag} truncated ({len(value)} of {length} bytes)")
 
 
 # Binary number VRs: pydicom cannot convert a value whose length is not a multiple of the size.
@@ -93,10 +93,10 @@ def _check_elements(ds: Dataset, code_extensions: bool = False) -> None:
                     _check_elements(item, convert_all)
             continue
         if vr not in _KNOWN_VRS:
-            raise InvalidDatasetError(f"cannot parse dataset: element {tag} has an unknown VR {vr!r}")
+            raise UnparsableDatasetError(f"cannot parse dataset: element {tag} has an unknown VR {vr!r}")
         size = _NUMBER_SIZES.get(vr)
         if size and raw.value is not None and len(raw.value) % size:
-            raise InvalidDatasetError(f"cannot parse dataset: element {tag} ({vr}) is {len(raw.value)} bytes long")
+            raise UnparsableDatasetError(f"cannot parse dataset: element {tag} ({vr}) is {len(raw.value)} bytes long")
 
 
 def _uses_code_extensions(ds: Dataset) -> bool:
@@ -116,16 +116,16 @@ def _check_pixel_data(ds: Dataset) -> None:
         try:
             items = count_encapsulated_items(ds.PixelData)
         except ValueError as exc:
-            raise InvalidDatasetError(f"cannot parse dataset: encapsulated pixel data is malformed: {exc}") from exc
+            raise UnparsableDatasetError(f"cannot parse dataset: encapsulated pixel data is malformed: {exc}") from exc
         if items < 2:
-            raise InvalidDatasetError("cannot parse dataset: encapsulated pixel data has no fragments")
+            raise UnparsableDatasetError("cannot parse dataset: encapsulated pixel data has no fragments")
         return
     bits = int(ds.get("BitsAllocated", 8) or 8)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     pixels = int(ds.Rows) * int(ds.Columns) * samples * frames
     expected = (pixels * bits + 7) // 8
     if len(ds.PixelData) < expected:
-        raise InvalidDatasetError(f"cannot parse dataset: pixel data truncated ({len(ds.PixelData)} of {expected} bytes)")
+        raise UnparsableDatasetError(f"cannot parse dataset: pixel data truncated ({len(ds.PixelData)} of {expected} bytes)")
 
 
 _ITEM_HEADER = struct.Struct("<HHI")

@@ -299,6 +299,8 @@ class LifecycleError(ApplianceError):
     ``unknown_state`` (the stored state is not a :class:`StudyState`), ``no_transition`` (the
     pair is not in :data:`STUDY_TRANSITIONS`) or ``no_study``."""
 
+    code = "transition_refused"
+
     def __init__(self, code: str, message: str):
         self.code = code
         super().__init__(message)

@@ -48,6 +48,8 @@ class LockedError(ApplianceError):
     ``client``, ``account`` or ``pin``).  ``attempted`` is true when this very attempt was checked
     (and failed) before the limit applied."""
 
+    code = "sign_in_locked"
+
     def __init__(self, retry_after: float, scope: str, attempted: bool = False):
         self.retry_after = max(1, math.ceil(retry_after))
         self.scope = scope

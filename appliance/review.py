@@ -26,6 +26,8 @@ class ReviewError(ApplianceError):
     """A review was refused.  ``code``: ``no_study``, ``bad_verdict`` (not one of
     :data:`VERDICTS`) or ``unknown_finding`` (not a finding of the study's current results)."""
 
+    code = "review_refused"
+
     def __init__(self, code: str, message: str):
         self.code = code
         super().__init__(message)

@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Iterator
 
 import pydicom
 
-from ..errors import ImportPathError, InvalidDatasetError, OutOfSpaceError, StoreError
+from ..errors import ImportPathError, InvalidDatasetError, OutOfSpaceError, StoreError, UnparsableDatasetError
 from ..lifecycle import Source
 from ..store import InstanceStore
 
@@ -82,7 +82,7 @@ def import_files(
         try:
             data = path.read_bytes()
             if len(data) < 132 or data[128:132] != b"DICM":
-                raise InvalidDatasetError("not a DICOM Part 10 file (no DICM preamble)")
+                raise UnparsableDatasetError("not a DICOM Part 10 file (no DICM preamble)")
             outcome = store.store(data, calling_ae="", source=Source.IMPORT)
         except OutOfSpaceError:
             raise

@@ -42,7 +42,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from ..config import Config
-from ..errors import InvalidDatasetError, OutOfSpaceError
+from ..errors import InvalidDatasetError, OutOfSpaceError, StoreError
 from ..lifecycle import Source
 from ..store import InstanceStore, parse_part10
 from . import netpatch
@@ -133,10 +133,19 @@ def _register_retired_classes() -> None:
 _register_retired_classes()
 
 STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
-STATUS_PROCESSING_FAILURE = 0x0110
+STATUS_OUT_OF_RESOURCES = OutOfSpaceError.dicom_status
+STATUS_PROCESSING_FAILURE = StoreError.dicom_status
+
+
+def store_failure(exc: StoreError) -> tuple[int, str]:
+    """The C-STORE status and ErrorComment for a store that failed with ``exc``: its class's
+    DICOM status (never its message's words), and what was wrong with the peer's dataset, or
+    only the kind of failure when it is the box's own (no paths or disk details to the peer)."""
+    if isinstance(exc, InvalidDatasetError):
+        return exc.dicom_status, str(exc)
+    if isinstance(exc, OutOfSpaceError):
+        return exc.dicom_status, "Out of resources: storage floor reached"
+    return exc.dicom_status, f"Storage failed ({exc.code})"
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -197,13 +206,10 @@ def make_store_handler(store: InstanceStore, on_stored: Callable[[Any], None] | 
             outcome = report_hook(calling, data, ds) if report_hook is not None else None
             if outcome is None:
                 outcome = store.commit(staged, ds, calling_ae=calling, source=Source.DICOM)
-        except OutOfSpaceError as exc:
-            log.warning("C-STORE from %s refused (out of resources): %s", calling, exc)
-            return _status(STATUS_OUT_OF_RESOURCES, "Out of resources: storage floor reached")
-        except InvalidDatasetError as exc:
-            code = STATUS_CANNOT_UNDERSTAND if str(exc).startswith("cannot parse") else STATUS_DATASET_MISMATCH
-            log.warning("C-STORE from %s rejected (0x%04X): %s", calling, code, peer_text(exc, 200))
-            return _status(code, str(exc))
+        except StoreError as exc:
+            status, comment = store_failure(exc)
+            log.warning("C-STORE from %s refused (0x%04X, %s): %s", calling, status, exc.code, peer_text(exc, 200))
+            return _status(status, comment)
         except Exception as exc:  # noqa: BLE001 - a handler must answer, never raise
             log.error("C-STORE from %s failed: %s: %s", calling, type(exc).__name__, peer_text(exc, 200))
             return _status(STATUS_OUT_OF_RESOURCES if isinstance(exc, OSError) else STATUS_PROCESSING_FAILURE,

@@ -32,6 +32,8 @@ BOOTSTRAP_SEED = 20240601
 class ValidationSetError(ApplianceError):
     """The validation folder or its labels.csv is missing, malformed or empty."""
 
+    code = "validation_set_invalid"
+
 
 @dataclass
 class Case:

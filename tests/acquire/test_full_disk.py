@@ -57,4 +57,4 @@ def test_out_of_space_refuses_then_recovers(server_factory, tmp_path):
     conn = sqlite3.connect(data_dir / "appliance.db")
     assert conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 2
     conn.close()
-    assert "refused (out of resources)" in server.log_path.read_text()
+    assert "refused (0xA700, out_of_space)" in server.log_path.read_text()

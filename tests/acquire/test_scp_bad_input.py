@@ -98,7 +98,7 @@ def test_bad_payloads_get_failure_statuses_and_store_nothing(server_factory, tmp
     assert stored_count(server.data_dir) == 0 and files_on_disk(server.data_dir) == 0
     assert list((server.data_dir / "tmp").iterdir()) == []
     log = server.log_path.read_text()
-    assert "rejected (0xA900): missing StudyInstanceUID" in log and f"from {CALLING_AE}" in log
+    assert "refused (0xA900, dataset_invalid): missing StudyInstanceUID" in log and f"from {CALLING_AE}" in log
     assert "CompressedSamples" not in log  # no patient names in the log
     assert server.echo()
 
