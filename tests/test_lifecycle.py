@@ -191,8 +191,9 @@ def test_no_module_but_lifecycle_writes_a_study_state():
     assert writers == [Path("appliance/lifecycle.py")]
 
 
-# Files whose state words are another owner's to convert (see the lifecycle helper's report).
-NOT_YET = ("appliance/analyze/", "appliance/results/", "appliance/db.py", "appliance/lifecycle.py")
+# The vocabulary's owner, and the schema's migrations (shipped history, never edited; their words
+# are checked against the enums above).
+NOT_SQL_USERS = ("appliance/lifecycle.py", "appliance/db.py")
 WORD = re.compile(r"\b(state|source|status|objects_state)\s*(=|!=|<>|IN|NOT IN)\s*\(?\s*'", re.I)
 
 
@@ -200,9 +201,9 @@ def test_sql_takes_state_and_source_words_as_parameters():
     spelled = []
     for path in python_sources("appliance", "web"):
         rel = path.relative_to(ROOT).as_posix()
-        if rel.startswith(NOT_YET):
+        if rel.startswith(NOT_SQL_USERS):
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if WORD.search(line):
+            if WORD.search(line) and "``" not in line:  # ``...``: a docstring quoting a state
                 spelled.append(f"{rel}:{number}: {line.strip()}")
     assert spelled == []
