@@ -303,8 +303,6 @@ class LimitedDUL(DULServiceProvider):
 class FastDUL(LimitedDUL):
     """:class:`LimitedDUL` that decodes P-DATA without copies and waits instead of polling."""
 
-    assoc: "FastAssociation"  # type: ignore[assignment]
-
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
         self.waker = Waker()
@@ -394,7 +392,7 @@ class FastDUL(LimitedDUL):
                 self.state_machine.do_action(event)
             finally:
                 if self._assoc_has_work():
-                    self.assoc.work.set()
+                    cast(FastAssociation, self.assoc).work.set()
             sleep = False
 
 

@@ -38,7 +38,7 @@ from pynetdicom import AE, _config, evt, register_uid, sop_class
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from ..config import Config
@@ -81,7 +81,7 @@ class _PeerSafeLog(logging.Handler):
 _QUOTED = re.compile(r"'([^']{64})([^']{16,})'")
 
 
-def _shorten_quoted(match: re.Match) -> str:
+def _shorten_quoted(match: re.Match[str]) -> str:
     return f"'{match.group(1)}...({len(match.group(1)) + len(match.group(2))} chars)'"
 
 
@@ -170,7 +170,7 @@ def _deflate_refusal(event: evt.Event, limit: int) -> str | None:
     would inflate past ``limit`` bytes, or is no deflate stream), or None."""
     if event.context.transfer_syntax != DeflatedExplicitVRLittleEndian:
         return None
-    with event.request.DataSet.getbuffer() as deflated:
+    with cast(Any, event.request).DataSet.getbuffer() as deflated:
         try:
             too_big = inflated_size_exceeds(deflated, limit)
         except zlib.error as exc:
@@ -266,7 +266,7 @@ class AllowListAE(AE):
     # Read by netpatch's DUL: what a peer of this AE may cost (see limits.py).
     edge_limits: Limits = Limits()
 
-    @property  # type: ignore[override]
+    @property
     def require_calling_aet(self) -> list[str]:
         return ["\x00"] if self.accept_nobody else AE.require_calling_aet.fget(self)  # type: ignore[attr-defined]
 
@@ -275,7 +275,7 @@ class AllowListAE(AE):
         AE.require_calling_aet.fset(self, ae_titles)  # type: ignore[attr-defined]
 
 
-def make_ae(config: Config) -> AE:
+def make_ae(config: Config) -> AllowListAE:
     """An AE configured from ``[dicom]``: AE title, allow-list, contexts, limits."""
     dicom = config["dicom"]
     limits = Limits.from_config(config)
@@ -301,7 +301,7 @@ def make_ae(config: Config) -> AE:
             ae.require_calling_aet = list(allowed)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        ae.add_supported_context(cast(str, context.abstract_syntax), TRANSFER_SYNTAXES)
     for uid in RETIRED_STORAGE_CLASSES:
         ae.add_supported_context(uid, TRANSFER_SYNTAXES)
     return ae
@@ -389,7 +389,7 @@ class _TrackedRequestHandler(RequestHandler):
             finally:
                 tracker.ended(host)
 
-        assoc.run = run_then_report  # type: ignore[method-assign]
+        assoc.run = run_then_report
         tracker.started(host)
         try:
             assoc.start()
@@ -490,7 +490,7 @@ def make_server(config: Config, store: InstanceStore, server_class: type[Threade
     ``tracker`` (``started(host)``, ``ended(host)``) is told of every association's thread.
     """
     ae = make_ae(config)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_STORE, make_store_handler(store, on_stored, report_hook, ae.edge_limits)),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, _handle_rejected),
