@@ -48,9 +48,9 @@ def cam_to_source(cam: np.ndarray, crop: CropBox, source_shape: tuple[int, int])
 
 
 def _as_rgb_u8(source: np.ndarray) -> np.ndarray:
-    image = np.clip(np.rint(source), 0, 255).astype(np.uint8)
+    image: np.ndarray = np.clip(np.rint(source), 0, 255).astype(np.uint8)
     if image.ndim == 2:
-        return np.repeat(image[:, :, None], 3, axis=2)
+        image = np.repeat(image[:, :, None], 3, axis=2)
     return image
 
 
@@ -64,7 +64,8 @@ def overlay(source: np.ndarray, cam: np.ndarray, crop: Optional[CropBox] = None,
     colour = cv2.cvtColor(colour_bgr, cv2.COLOR_BGR2RGB).astype(np.float32)
     base = _as_rgb_u8(source).astype(np.float32)
     blend = (alpha * weight)[:, :, None]
-    return np.clip(np.rint(base * (1.0 - blend) + colour * blend), 0, 255).astype(np.uint8)
+    blended: np.ndarray = np.clip(np.rint(base * (1.0 - blend) + colour * blend), 0, 255).astype(np.uint8)
+    return blended
 
 
 def evidence_overlay(image: DecodedImage, evidence: HeatmapEvidence, alpha: float = DEFAULT_ALPHA) -> np.ndarray:

@@ -97,10 +97,10 @@ class ModelCatalog:
     def __init__(self, engines_dir: Path):
         self.engines_dir = engines_dir
         self._lock = threading.Lock()
-        self._signature: Optional[tuple] = None
+        self._signature: Optional[tuple[tuple[str, int, int], ...]] = None
         self._found: dict[str, Manifest | ManifestError] = {}
 
-    def _current_signature(self) -> tuple:
+    def _current_signature(self) -> tuple[tuple[str, int, int], ...]:
         if not self.engines_dir.is_dir():
             return ()
         return tuple(sorted((str(p), st.st_mtime_ns, st.st_size) for p in self.engines_dir.glob("*/*")
