@@ -57,7 +57,7 @@ def import_(config_file: str | None, data_dir: str | None, paths: tuple[Path, ..
     except ImportPathError as exc:
         raise click.ClickException(str(exc)) from exc
     database = open_database(config.data_dir, check_integrity=True)
-    store = InstanceStore(config.data_dir, database, config["storage"]["min_free_mb"])
+    store = InstanceStore(config.data_dir, database, config.storage.min_free_mb)
     try:
         with click.progressbar(length=len(files), label="importing", file=sys.stderr) as bar:
             summary = import_files(store, files, progress=lambda _p: bar.update(1))
@@ -118,7 +118,7 @@ def analyze(config_file: str | None, data_dir: str | None, study_uid: str) -> No
         raise click.ClickException(f"no study {study_uid}")
     added = enqueue_study(database, study_uid)
     click.echo(f"queued {added} images", err=True)
-    store = InstanceStore(config.data_dir, database, config["storage"]["min_free_mb"])
+    store = InstanceStore(config.data_dir, database, config.storage.min_free_mb)
     Pipeline(config, database, store).run_until_idle(study_uid)
     rows = database.query(
         "SELECT model_id, model_version, status, COUNT(*) AS n FROM analysis_results WHERE study_uid = ? "

@@ -74,7 +74,7 @@ def configure_logging(config: Config, tag: str = "") -> None:
     warnings.filterwarnings("ignore", module=r"(highdicom|pydicom)(\..*)?$")
     name = f"%(name)s[{tag}]" if tag else "%(name)s"
     logging.basicConfig(
-        level=config["log"]["level"].upper(),
+        level=config.log.level.upper(),
         format=f"%(asctime)s %(levelname)s {name}: %(message)s",
         stream=sys.stderr,
     )

@@ -29,7 +29,7 @@ class Appliance:
         self.config = config
         # The full quick_check once, here: the box must not serve from a damaged file.
         self.database = open_database(config.data_dir, check_integrity=True)
-        self.store = InstanceStore(config.data_dir, self.database, config["storage"]["min_free_mb"])
+        self.store = InstanceStore(config.data_dir, self.database, config.storage.min_free_mb)
         self._scp: Any = None
         self.receivers: Any = None
         self.worker: Any = None
@@ -53,12 +53,12 @@ class Appliance:
         self._scp = start_scp(self.config, self.store, on_stored=self.worker.wake,
                               report_hook=scp_hook(self.config, self.database, self.store), activity=activity,
                               dispatch=self.receivers.dispatch)
-        http = self.config["http"]
+        http = self.config.http
         app = create_app(self.config)
-        self._http = create_server(app, host=http["host"], port=http["port"], threads=http["threads"])
+        self._http = create_server(app, host=http.host, port=http.port, threads=http.threads)
         self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
         self._http_thread.start()
-        log.info("HTTP listening on %s:%s", http["host"], self._http.effective_port)
+        log.info("HTTP listening on %s:%s", http.host, self._http.effective_port)
 
     def stop(self) -> None:
         if self._scp is not None:

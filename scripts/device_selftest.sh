@@ -43,7 +43,7 @@ from appliance.analyze.runner import ModelRunner
 args = sys.argv[1:]
 config = load_config(args[args.index("--config") + 1] if "--config" in args else None)
 rows = []
-for model_id, manifest in discover_models(config["analyze"]["engines_dir"]).items():
+for model_id, manifest in discover_models(config.analyze.engines_dir).items():
     if not isinstance(manifest, Manifest):
         print(f"{model_id}: refused: {manifest}", file=sys.stderr)
         continue
@@ -53,7 +53,7 @@ for model_id, manifest in discover_models(config["analyze"]["engines_dir"]).item
         combos += [("onnxruntime", "int8"), ("tensorrt", "int8")]
     for backend, precision in combos:
         runner = ModelRunner.load(manifest, backend=backend, precision=precision,
-                                  threads=int(config["analyze"]["threads"]), data_dir=config.data_dir)
+                                  threads=int(config.analyze.threads), data_dir=config.data_dir)
         for _ in range(10):
             runner.infer(x)
         times = []

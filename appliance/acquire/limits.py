@@ -45,17 +45,17 @@ class Limits:
 
     @classmethod
     def from_config(cls, config: Any) -> "Limits":
-        dicom = config["dicom"]
+        dicom = config.dicom
         return cls(
-            association_timeout_s=float(dicom["association_timeout_s"]),
-            pdu_timeout_s=float(dicom["pdu_timeout_s"]),
-            max_association_s=float(dicom["max_association_s"]),
-            max_pdu_bytes=int(dicom["max_pdu_kb"]) * KIB,
-            max_dataset_bytes=int(dicom["max_dataset_mb"]) * MIB,
-            max_inflated_bytes=int(dicom["max_inflated_mb"]) * MIB,
-            max_pending=int(dicom["max_pending_connections"]),
-            max_associations=int(dicom["max_associations"]),
-            max_per_peer=int(dicom["max_associations_per_peer"]),
+            association_timeout_s=float(dicom.association_timeout_s),
+            pdu_timeout_s=float(dicom.pdu_timeout_s),
+            max_association_s=float(dicom.max_association_s),
+            max_pdu_bytes=int(dicom.max_pdu_kb) * KIB,
+            max_dataset_bytes=int(dicom.max_dataset_mb) * MIB,
+            max_inflated_bytes=int(dicom.max_inflated_mb) * MIB,
+            max_pending=int(dicom.max_pending_connections),
+            max_associations=int(dicom.max_associations),
+            max_per_peer=int(dicom.max_associations_per_peer),
         )
 
     def pdu_cap(self, pdu_type: int) -> int:

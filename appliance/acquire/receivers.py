@@ -53,7 +53,7 @@ RESTART_DELAY_S = 1.0
 
 def process_count(config: Config) -> int:
     """``dicom.processes``: 0 means one per CPU core, at most :data:`MAX_AUTO_PROCESSES`."""
-    configured = int(config["dicom"]["processes"])
+    configured = int(config.dicom.processes)
     if configured > 0:
         return configured
     return max(1, min(os.cpu_count() or 1, MAX_AUTO_PROCESSES))
@@ -246,7 +246,7 @@ def helper_main(config: Config, channel: socket.socket, index: int) -> None:
 
     configure_logging(config, tag=f"receiver-{index}")
     database = open_database(config.data_dir)
-    store = InstanceStore(config.data_dir, database, config["storage"]["min_free_mb"])
+    store = InstanceStore(config.data_dir, database, config.storage.min_free_mb)
     send_lock = threading.Lock()
 
     def tell(code: bytes) -> None:

@@ -277,19 +277,19 @@ class AllowListAE(AE):
 
 def make_ae(config: Config) -> AllowListAE:
     """An AE configured from ``[dicom]``: AE title, allow-list, contexts, limits."""
-    dicom = config["dicom"]
+    dicom = config.dicom
     limits = Limits.from_config(config)
-    ae = AllowListAE(ae_title=dicom["ae_title"])
+    ae = AllowListAE(ae_title=dicom.ae_title)
     ae.edge_limits = limits
     # The main process admits associations against the limits over all processes (guard.py);
     # pynetdicom's own count, per process, can only be reached when those are.
     ae.maximum_associations = limits.max_associations
-    ae.network_timeout = dicom["network_timeout_s"]
+    ae.network_timeout = dicom.network_timeout_s
     ae.acse_timeout = limits.association_timeout_s
-    ae.dimse_timeout = dicom["network_timeout_s"]
+    ae.dimse_timeout = dicom.network_timeout_s
     # Advertised as the Maximum Length Received: senders cut P-DATA PDUs to this size.
     ae.maximum_pdu_size = limits.max_pdu_bytes
-    allowed = dicom["allowed_calling_aes"]
+    allowed = dicom.allowed_calling_aes
     if "*" in allowed:
         log.warning("dicom.allowed_calling_aes contains '*': any calling AE title is accepted (set-up mode)")
     else:
@@ -478,7 +478,7 @@ class HandedOverServer(ThreadedAssociationServer):
 
 def fast_reactor(config: Config) -> bool:
     """``dicom.fast_reactor``: the SCP's associations wait instead of polling (:mod:`.netpatch`)."""
-    return bool(config["dicom"]["fast_reactor"])
+    return bool(config.dicom.fast_reactor)
 
 
 def make_server(config: Config, store: InstanceStore, server_class: type[ThreadedAssociationServer],
@@ -495,7 +495,7 @@ def make_server(config: Config, store: InstanceStore, server_class: type[Threade
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, _handle_rejected),
     ]
-    server = ae.make_server((config["dicom"]["host"], config["dicom"]["port"]), evt_handlers=handlers,
+    server = ae.make_server((config.dicom.host, config.dicom.port), evt_handlers=handlers,
                             server_class=server_class, request_handler=_TrackedRequestHandler)
     server.tracker = tracker  # type: ignore[attr-defined]
     server.association_class = netpatch.association_class(fast_reactor(config))  # type: ignore[attr-defined]
@@ -520,5 +520,5 @@ def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], N
     server.gate.start()
     threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True).start()
     log.info("DICOM receiver: fast reactor %s", "on" if fast_reactor(config) else "off")
-    log.info("DICOM SCP %s listening on %s:%d", config["dicom"]["ae_title"], *server.server_address[:2])
+    log.info("DICOM SCP %s listening on %s:%d", config.dicom.ae_title, *server.server_address[:2])
     return server

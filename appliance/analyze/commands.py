@@ -33,7 +33,7 @@ def models() -> None:
 def list_models(as_json: bool, config_file: Optional[str], data_dir: Optional[str]) -> None:
     """List the model packages under analyze.engines_dir and whether they load."""
     config = setup(config_file, {"storage.data_dir": data_dir})
-    found = discover_models(config["analyze"]["engines_dir"])
+    found = discover_models(config.analyze.engines_dir)
     rows: dict[str, Any] = {}
     for model_id, item in found.items():
         if isinstance(item, Manifest):
@@ -43,10 +43,10 @@ def list_models(as_json: bool, config_file: Optional[str], data_dir: Optional[st
         else:
             rows[model_id] = {"ok": False, "error": str(item)}
     if as_json:
-        click.echo(json.dumps({"engines_dir": str(config["analyze"]["engines_dir"]), "models": rows}))
+        click.echo(json.dumps({"engines_dir": str(config.analyze.engines_dir), "models": rows}))
         return
     if not rows:
-        click.echo(f"no model packages under {config['analyze']['engines_dir']}")
+        click.echo(f"no model packages under {config.analyze.engines_dir}")
         return
     for model_id, row in rows.items():
         if row["ok"]:
@@ -115,9 +115,9 @@ def quantize_cmd(model_id: str, max_auc_drop: float, config_file: Optional[str],
     from .quantize import quantize_model
 
     config = setup(config_file, {"storage.data_dir": data_dir})
-    package = Path(config["analyze"]["engines_dir"]) / model_id
+    package = Path(config.analyze.engines_dir) / model_id
     try:
-        find_model(config["analyze"]["engines_dir"], model_id)
+        find_model(config.analyze.engines_dir, model_id)
         result = quantize_model(package, config.analyze.require_shared_data_dir(), max_auc_drop=max_auc_drop)
     except ApplianceError as exc:  # QuantizeRefusedError included: a refusal is a failure exit
         raise click.ClickException(str(exc)) from exc
@@ -145,7 +145,7 @@ def build_cmd(model_id: Optional[str], precision: Optional[str], force: bool, co
     except BackendUnavailableError as exc:
         raise click.ClickException(f"cannot build TensorRT engines on this machine: {exc}") from exc
     _err(f"TensorRT {trt_version}, GPU compute capability {capability}")
-    engines_dir = config["analyze"]["engines_dir"]
+    engines_dir = config.analyze.engines_dir
     try:
         manifests = [find_model(engines_dir, model_id)] if model_id else \
             [m for m in discover_models(engines_dir).values() if isinstance(m, Manifest)]

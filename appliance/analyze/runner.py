@@ -175,15 +175,15 @@ _RUNNERS_LOCK = threading.Lock()
 
 def get_runner(model_id: str, config: Config, precision: Optional[str] = None) -> ModelRunner:
     """The process-wide runner for a model under this configuration, loaded on first use."""
-    analyze_cfg = config["analyze"]
-    key = (str(analyze_cfg["engines_dir"]), model_id, str(analyze_cfg["backend"]), str(precision),
-           str(analyze_cfg["threads"]))
+    analyze_cfg = config.analyze
+    key = (str(analyze_cfg.engines_dir), model_id, str(analyze_cfg.backend), str(precision),
+           str(analyze_cfg.threads))
     with _RUNNERS_LOCK:
         runner = _RUNNERS.get(key)
         if runner is None:
-            manifest = find_model(analyze_cfg["engines_dir"], model_id)
-            runner = ModelRunner.load(manifest, backend=analyze_cfg["backend"], precision=precision,
-                                      threads=int(analyze_cfg["threads"]), data_dir=config.data_dir)
+            manifest = find_model(analyze_cfg.engines_dir, model_id)
+            runner = ModelRunner.load(manifest, backend=analyze_cfg.backend, precision=precision,
+                                      threads=int(analyze_cfg.threads), data_dir=config.data_dir)
             _RUNNERS[key] = runner
         return runner
 

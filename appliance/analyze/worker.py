@@ -183,12 +183,12 @@ class AnalysisWorker(BackgroundService):
         self.config = config
         self.db = database
         self.store = store
-        self.catalog = ModelCatalog(Path(config["analyze"]["engines_dir"]))
+        self.catalog = ModelCatalog(Path(config.analyze.engines_dir))
         self.ingest_busy = ingest_busy or (lambda: False)
-        self.max_defer_s = float(config["analyze"]["defer_while_receiving_s"])
+        self.max_defer_s = float(config.analyze.defer_while_receiving_s)
         self._last_settle = 0.0
-        self.max_attempts = int(config["analyze"]["max_attempts"])
-        self.quiet_s = int(config["analyze"]["study_quiet_s"])
+        self.max_attempts = int(config.analyze.max_attempts)
+        self.quiet_s = int(config.analyze.study_quiet_s)
         self._replacements_seen = 0  # superseded_instances.id up to which results were checked
         self._replacements_lock = threading.Lock()
 
@@ -215,7 +215,7 @@ class AnalysisWorker(BackgroundService):
             log.info("analysis: %d interrupted jobs re-queued", recovered)
         # Analysis threads never build result objects (the results stage's own thread does), so a
         # new image is never stuck behind a heatmap being rendered.
-        for i in range(int(self.config["analyze"]["workers"])):
+        for i in range(int(self.config.analyze.workers)):
             self._spawn(f"analysis-{i}", self._loop, self._analysis_step)
 
     def _analysis_step(self) -> bool:

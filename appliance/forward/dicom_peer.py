@@ -33,6 +33,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from .compress import target_syntax
+from ..config import Destination
 from .errors import PolicyBlocked, TransientSendError
 from .pacing import Pacer
 from .transfer import Outcome, Outgoing, Report, ShouldStop, encode, run_lanes, with_syntax
@@ -80,28 +81,28 @@ def tls_problem(context: ssl.SSLContext, host: str, port: int, timeout_s: float 
     return ""
 
 
-def tls_context(dest: dict[str, Any]) -> Optional[ssl.SSLContext]:
+def tls_context(dest: Destination) -> Optional[ssl.SSLContext]:
     """A client TLS context from ``tls_ca`` / ``tls_cert`` / ``tls_key``; None when TLS is off."""
-    if not (dest.get("tls_ca") or dest.get("tls_cert")):
+    if not (dest.tls_ca or dest.tls_cert):
         return None
     try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=dest.get("tls_ca") or None)
-        if dest.get("tls_cert"):
-            context.load_cert_chain(dest["tls_cert"], dest.get("tls_key") or None)
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=dest.tls_ca or None)
+        if dest.tls_cert:
+            context.load_cert_chain(dest.tls_cert, dest.tls_key or None)
     except (OSError, ssl.SSLError) as exc:
-        raise TransientSendError(f"TLS set-up for {dest['name']} failed: {exc}") from exc
+        raise TransientSendError(f"TLS set-up for {dest.name} failed: {exc}") from exc
     return context
 
 
 class DicomPeer:
     """C-STORE / C-FIND peer for one ``kind = "dicom"`` destination."""
 
-    def __init__(self, dest: dict[str, Any], calling_ae: str, timeout_s: int = 30,
+    def __init__(self, dest: Destination, calling_ae: str, timeout_s: int = 30,
                  ae_factory: Callable[[str], AE] = AE, pacer: Optional[Pacer] = None,
                  lanes: int = LANES, idle_s: float = IDLE_S, clock: Callable[[], float] = time.monotonic):
         self.dest = dest
         self.pacer = pacer or Pacer(0)
-        self.calling_ae = dest.get("calling_ae") or calling_ae
+        self.calling_ae = dest.calling_ae or calling_ae
         self.timeout_s = timeout_s
         self.lanes = max(1, lanes)
         self.idle_s = idle_s
@@ -121,21 +122,21 @@ class DicomPeer:
         ae.maximum_pdu_size = 0
         tls = tls_context(self.dest)
         contexts = [build_context(c, t) for c, t in pairs] + [build_context(FIND)]
-        kwargs: dict[str, Any] = {"ae_title": self.dest["called_ae"], "contexts": contexts}
+        kwargs: dict[str, Any] = {"ae_title": self.dest.called_ae, "contexts": contexts}
         if tls is not None:
-            kwargs["tls_args"] = (tls, self.dest["host"])
+            kwargs["tls_args"] = (tls, self.dest.host)
         try:
-            assoc = ae.associate(self.dest["host"], int(self.dest["port"]), **kwargs)
+            assoc = ae.associate(self.dest.host, int(self.dest.port), **kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise TransientSendError(f"cannot connect to {self.dest['name']}: {exc}") from exc
+            raise TransientSendError(f"cannot connect to {self.dest.name}: {exc}") from exc
         if not assoc.is_established:
-            problem = tls_problem(tls, self.dest["host"], int(self.dest["port"])) if tls and not assoc.is_rejected else ""
+            problem = tls_problem(tls, self.dest.host, int(self.dest.port)) if tls and not assoc.is_rejected else ""
             if problem:
-                raise TransientSendError(f"{self.dest['name']} ({self.dest['host']}:{self.dest['port']}): TLS handshake "
+                raise TransientSendError(f"{self.dest.name} ({self.dest.host}:{self.dest.port}): TLS handshake "
                                          f"failed: {problem} (check tls_ca, tls_cert and tls_key)")
             why = "rejected the association (check called_ae and the peer's allowed AE titles)" \
                 if assoc.is_rejected else "is unreachable or aborted the association"
-            raise TransientSendError(f"{self.dest['name']} ({self.dest['host']}:{self.dest['port']}) {why}")
+            raise TransientSendError(f"{self.dest.name} ({self.dest.host}:{self.dest.port}) {why}")
         self.opened += 1
         return assoc
 
@@ -195,7 +196,7 @@ class DicomPeer:
     # -- C-STORE --------------------------------------------------------------------------------
     def _batches(self, outgoing: list[Outgoing]) -> list[tuple[list[Outgoing], list[tuple[str, str]]]]:
         """Split into groups of at most MAX_CONTEXTS presentation contexts each."""
-        wanted = target_syntax(self.dest.get("compress", "none"))
+        wanted = target_syntax(self.dest.compress)
         batches: list[tuple[list[Outgoing], list[tuple[str, str]]]] = []
         current: list[Outgoing] = []
         pairs: list[tuple[str, str]] = []
@@ -235,11 +236,11 @@ class DicomPeer:
                 return Outcome(o.sop_instance_uid, "blocked", reason=str(exc))
             if not accepted:
                 return Outcome(o.sop_instance_uid, "refused",
-                               reason=f"{self.dest['name']} does not accept SOP class {o.sop_class_uid}")
-            ready = with_syntax(ds, accepted, self.dest.get("compress", "none"))
+                               reason=f"{self.dest.name} does not accept SOP class {o.sop_class_uid}")
+            ready = with_syntax(ds, accepted, self.dest.compress)
             if ready is None:
                 return Outcome(o.sop_instance_uid, "refused",
-                               reason=f"{self.dest['name']} accepts no transfer syntax this instance can be sent in")
+                               reason=f"{self.dest.name} accepts no transfer syntax this instance can be sent in")
             return ready
 
     def response_timeout_s(self, size: int) -> float:
@@ -260,21 +261,21 @@ class DicomPeer:
         try:
             status = assoc.send_c_store(ready)
         except (OSError, RuntimeError, ValueError) as exc:
-            raise TransientSendError(f"C-STORE to {self.dest['name']} failed: {type(exc).__name__}: {exc}") from exc
+            raise TransientSendError(f"C-STORE to {self.dest.name} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self._used[assoc] = self._clock()
         if "Status" not in status:
-            raise TransientSendError(f"{self.dest['name']}: no C-STORE response (connection lost or timed out)")
+            raise TransientSendError(f"{self.dest.name}: no C-STORE response (connection lost or timed out)")
         code = int(status.Status)
         verdict = status_class(code)
         if verdict == "transient":
-            raise TransientSendError(f"{self.dest['name']} is temporarily unable to store (status 0x{code:04X})")
+            raise TransientSendError(f"{self.dest.name} is temporarily unable to store (status 0x{code:04X})")
         self.pacer.sent(size)
         syntax = str(ready.file_meta.TransferSyntaxUID)
         if verdict == "refused":
             comment = str(status.get("ErrorComment", "") or "")
             return Outcome(o.sop_instance_uid, "refused", size, syntax,
-                           f"{self.dest['name']} refused the dataset: status 0x{code:04X} {comment}".strip())
+                           f"{self.dest.name} refused the dataset: status 0x{code:04X} {comment}".strip())
         return Outcome(o.sop_instance_uid, "sent", size, syntax)
 
     # -- C-FIND ---------------------------------------------------------------------------------
@@ -306,12 +307,12 @@ class DicomPeer:
         try:
             for status, identifier in assoc.send_c_find(query, FIND):
                 if not status or "Status" not in status:
-                    raise TransientSendError(f"{self.dest['name']}: C-FIND got no response")
+                    raise TransientSendError(f"{self.dest.name}: C-FIND got no response")
                 code = int(status.Status)
                 if code in (0xFF00, 0xFF01) and identifier is not None:
                     found.add(str(identifier.get("SOPInstanceUID", "")))
                 elif code != 0x0000:
-                    raise TransientSendError(f"{self.dest['name']}: C-FIND failed with status 0x{code:04X}")
+                    raise TransientSendError(f"{self.dest.name}: C-FIND failed with status 0x{code:04X}")
         except (OSError, RuntimeError, ValueError) as exc:
-            raise TransientSendError(f"C-FIND to {self.dest['name']} failed: {exc}") from exc
+            raise TransientSendError(f"C-FIND to {self.dest.name} failed: {exc}") from exc
         return found

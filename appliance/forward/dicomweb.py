@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 import requests
 
+from ..config import Destination
 from .errors import PolicyBlocked, TransientSendError
 from .pacing import Pacer
 from .transfer import Outcome, Outgoing, Report, ShouldStop, encode, with_syntax
@@ -33,16 +34,16 @@ SOP_INSTANCE_UID, SOP_CLASS_UID, SERIES_UID = "00080018", "00080016", "0020000E"
 ANY_SYNTAX = {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90"}
 
 
-def make_session(dest: dict[str, Any]) -> requests.Session:
+def make_session(dest: Destination) -> requests.Session:
     session = requests.Session()
-    if dest.get("token"):
-        session.headers["Authorization"] = f"Bearer {dest['token']}"
-    elif dest.get("username"):
-        session.auth = (dest["username"], dest.get("password", ""))
-    if dest.get("tls_ca"):
-        session.verify = dest["tls_ca"]
-    if dest.get("tls_cert"):
-        session.cert = (dest["tls_cert"], dest["tls_key"]) if dest.get("tls_key") else dest["tls_cert"]
+    if dest.token:
+        session.headers["Authorization"] = f"Bearer {dest.token}"
+    elif dest.username:
+        session.auth = (dest.username, dest.password)
+    if dest.tls_ca:
+        session.verify = dest.tls_ca
+    if dest.tls_cert:
+        session.cert = (dest.tls_cert, dest.tls_key) if dest.tls_key else dest.tls_cert
     return session
 
 
@@ -54,10 +55,10 @@ def _value(item: dict[str, Any], tag: str) -> str:
 class DicomWebPeer:
     """STOW-RS / QIDO-RS / WADO-RS peer for one ``kind = "dicomweb"`` destination."""
 
-    def __init__(self, dest: dict[str, Any], session: Optional[requests.Session] = None,
+    def __init__(self, dest: Destination, session: Optional[requests.Session] = None,
                  pacer: Optional[Pacer] = None, batch_bytes: int = BATCH_BYTES):
         self.dest = dest
-        self.base = dest["url"].rstrip("/")
+        self.base = dest.url.rstrip("/")
         self.session = session or make_session(dest)
         self.pacer = pacer or Pacer(0)
         self.batch_bytes = batch_bytes
@@ -70,9 +71,9 @@ class DicomWebPeer:
             verify = getattr(self.session, "verify", True)
             response = self.session.request(method, self.base + path, timeout=TIMEOUT, verify=verify, **kwargs)
         except requests.RequestException as exc:
-            raise TransientSendError(f"{self.dest['name']}: {method} failed: {type(exc).__name__}") from exc
+            raise TransientSendError(f"{self.dest.name}: {method} failed: {type(exc).__name__}") from exc
         if response.status_code >= 500 or response.status_code in (401, 403, 407, 408, 429):
-            raise TransientSendError(f"{self.dest['name']}: {method} {path.split('?')[0]} answered HTTP "
+            raise TransientSendError(f"{self.dest.name}: {method} {path.split('?')[0]} answered HTTP "
                                      f"{response.status_code}")
         return response
 
@@ -91,7 +92,7 @@ class DicomWebPeer:
                 continue
             # DICOMweb has no negotiation: the stored syntax or the configured lossless one.
             ready = with_syntax(ds, ANY_SYNTAX | {str(ds.file_meta.TransferSyntaxUID)},
-                                self.dest.get("compress", "none")) or ds
+                                self.dest.compress) or ds
             data = encode(ready)
             batch.append((o, data, str(ready.file_meta.TransferSyntaxUID)))
             size += len(data)
@@ -117,7 +118,7 @@ class DicomWebPeer:
                 outcomes.append(Outcome(o.sop_instance_uid, "sent", len(data), syntax))
             elif uid in failed:
                 outcomes.append(Outcome(o.sop_instance_uid, "refused", len(data), syntax,
-                                        f"{self.dest['name']} refused the dataset (STOW-RS FailureReason {failed[uid]})"))
+                                        f"{self.dest.name} refused the dataset (STOW-RS FailureReason {failed[uid]})"))
             else:
                 unknown.append((o, data, syntax))
         report(outcomes)
@@ -126,12 +127,12 @@ class DicomWebPeer:
         if response.status_code >= 400 and len(batch) == 1:
             o, data, syntax = batch[0]
             report([Outcome(o.sop_instance_uid, "refused", len(data), syntax,
-                            f"{self.dest['name']} refused the dataset (HTTP {response.status_code})")])
+                            f"{self.dest.name} refused the dataset (HTTP {response.status_code})")])
         elif response.status_code >= 400:
             for entry in unknown:  # find out which instance the peer objects to
                 self._stow([entry], report)
         else:
-            raise TransientSendError(f"{self.dest['name']}: STOW-RS answered {response.status_code} without "
+            raise TransientSendError(f"{self.dest.name}: STOW-RS answered {response.status_code} without "
                                      f"listing {len(unknown)} instances")
 
     @staticmethod
@@ -157,11 +158,11 @@ class DicomWebPeer:
         if response.status_code in (204, 404) or not response.content:
             return []
         if response.status_code >= 400:
-            raise TransientSendError(f"{self.dest['name']}: QIDO-RS answered HTTP {response.status_code}")
+            raise TransientSendError(f"{self.dest.name}: QIDO-RS answered HTTP {response.status_code}")
         try:
             rows = response.json()
         except (ValueError, json.JSONDecodeError) as exc:
-            raise TransientSendError(f"{self.dest['name']}: QIDO-RS answer is not JSON") from exc
+            raise TransientSendError(f"{self.dest.name}: QIDO-RS answer is not JSON") from exc
         return [{"sop_instance_uid": _value(r, SOP_INSTANCE_UID), "sop_class_uid": _value(r, SOP_CLASS_UID),
                  "series_uid": _value(r, SERIES_UID)} for r in rows]
 
@@ -182,10 +183,10 @@ class DicomWebPeer:
         response = self._request("GET", f"/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}",
                                  headers={"Accept": 'multipart/related; type="application/dicom"'})
         if response.status_code >= 400:
-            raise TransientSendError(f"{self.dest['name']}: WADO-RS answered HTTP {response.status_code}")
+            raise TransientSendError(f"{self.dest.name}: WADO-RS answered HTTP {response.status_code}")
         parts = split_multipart(response.headers.get("Content-Type", ""), response.content)
         if not parts:
-            raise TransientSendError(f"{self.dest['name']}: WADO-RS answer holds no instance")
+            raise TransientSendError(f"{self.dest.name}: WADO-RS answer holds no instance")
         return parts[0]
 
     def close(self) -> None:

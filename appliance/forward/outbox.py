@@ -120,8 +120,8 @@ def _sendable(config: Config, now: Optional[datetime]) -> tuple[str, tuple[Any, 
     """WHERE clause (over ``outbox_items o`` joined with ``destination_state d``) and its
     parameters: active items whose destination is open, not backed off, and study ready."""
     stamp = utc_now()
-    open_dests = [d["name"] for d in config["destinations"] if in_window(d["send_window"], now)] or [""]
-    without_ai = [d["name"] for d in config["destinations"] if not d["attach_ai_results"]]
+    open_dests = [d.name for d in config.destinations if in_window(d.send_window, now)] or [""]
+    without_ai = [d.name for d in config.destinations if not d.attach_ai_results]
     ready = f"AND (o.destination IN ({', '.join('?' * len(without_ai))}) OR {STUDY_READY})" if without_ai \
         else f"AND {STUDY_READY}"
     where = (f"o.state {_ACTIVE_IN} AND o.destination IN ({', '.join('?' * len(open_dests))}) "

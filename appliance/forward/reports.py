@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 from pydicom.dataset import Dataset
 
 from .. import audit, lifecycle
-from ..config import Config
+from ..config import Config, Destination
 from ..db import Database
 from ..lifecycle import OutboxState, Source, StudyEvent, marks, words
 from ..store import InstanceStore, StoreOutcome, parse_part10, utc_now
@@ -41,11 +41,11 @@ def is_report_class(sop_class_uid: str) -> bool:
     return sop_class_uid.startswith(SR_PREFIX) or sop_class_uid == ENCAPSULATED_PDF
 
 
-def poll(database: Database, store: InstanceStore, uids: UidMap, dest: dict[str, Any], peer: Any) -> int:
+def poll(database: Database, store: InstanceStore, uids: UidMap, dest: Destination, peer: Any) -> int:
     """Fetch new reports from a DICOMweb destination for every study sent there; returns the count."""
     studies = database.query(
         f"SELECT DISTINCT remote_study_uid FROM outbox_items WHERE destination = ? AND remote_study_uid != '' "
-        f"AND state IN ({marks(POLLED)})", (dest["name"], *words(POLLED)))
+        f"AND state IN ({marks(POLLED)})", (dest.name, *words(POLLED)))
     fetched = 0
     try:
         for study in studies:
@@ -55,18 +55,18 @@ def poll(database: Database, store: InstanceStore, uids: UidMap, dest: dict[str,
                 continue
             ours = {r["remote_sop_instance_uid"] for r in database.query(
                 "SELECT b.remote_sop_instance_uid FROM outbox_instances b JOIN outbox_items o ON o.id = b.item_id "
-                "WHERE o.destination = ? AND o.remote_study_uid = ?", (dest["name"], remote_study))}
+                "WHERE o.destination = ? AND o.remote_study_uid = ?", (dest.name, remote_study))}
             for inst in candidates:
                 uid = inst["sop_instance_uid"]
                 if uid in ours or database.query("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (uid,)):
                     continue  # the box's own AI SR, or a report already brought back
-                ingest(database, store, uids, peer.retrieve(remote_study, inst["series_uid"], uid), dest["name"],
+                ingest(database, store, uids, peer.retrieve(remote_study, inst["series_uid"], uid), dest.name,
                        "dicomweb")
                 fetched += 1
     finally:
         with database.atomic() as tx:
-            tx.execute("INSERT OR IGNORE INTO destination_state (name) VALUES (?)", (dest["name"],))
-            tx.execute("UPDATE destination_state SET last_report_poll_at = ? WHERE name = ?", (utc_now(), dest["name"]))
+            tx.execute("INSERT OR IGNORE INTO destination_state (name) VALUES (?)", (dest.name,))
+            tx.execute("UPDATE destination_state SET last_report_poll_at = ? WHERE name = ?", (utc_now(), dest.name))
     return fetched
 
 
@@ -178,7 +178,7 @@ def study_reports(database: Database, study_uid: str) -> list[dict[str, Any]]:
 def scp_hook(config: Config, database: Database, store: InstanceStore) -> Callable[..., Optional[StoreOutcome]]:
     """For the SCP: a report pushed by C-STORE from a destination's ``report_ae`` is mapped and
     stored here (returns the outcome); anything else returns None and is stored as usual."""
-    by_ae = {d["report_ae"]: d["name"] for d in config["destinations"] if d["report_ae"]}
+    by_ae = {d.report_ae: d.name for d in config.destinations if d.report_ae}
     uids = UidMap(database)
 
     def hook(calling_ae: str, data: bytes, ds: Dataset) -> Optional[StoreOutcome]:

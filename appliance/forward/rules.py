@@ -37,15 +37,15 @@ CONDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
 def evaluate(database: Database, config: Config) -> int:
     """Queue every study that matches a rule and has no item for its destination yet."""
     created = 0
-    for rule in config["forward_rules"]:
-        condition, params = CONDITIONS[rule["when"]]
+    for rule in config.forward_rules:
+        condition, params = CONDITIONS[rule.when]
         rows = database.query(
             f"SELECT s.study_uid FROM studies s WHERE {condition} AND NOT EXISTS "
             f"(SELECT 1 FROM outbox_items o WHERE o.study_uid = s.study_uid AND o.destination = ?) "
-            f"ORDER BY s.priority_rank, s.first_received_at LIMIT ?", (*params, rule["to"], SCAN_LIMIT))
+            f"ORDER BY s.priority_rank, s.first_received_at LIMIT ?", (*params, rule.to, SCAN_LIMIT))
         for row in rows:
-            request_forward(database, config, row["study_uid"], rule["to"], rule["priority"],
-                            requested_by="system", origin=f"rule:{rule['when']}")
+            request_forward(database, config, row["study_uid"], rule.to, rule.priority,
+                            requested_by="system", origin=f"rule:{rule.when}")
             created += 1
     if created:
         log.info("forward rules queued %d items", created)

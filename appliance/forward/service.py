@@ -25,7 +25,7 @@ import pydicom
 import pydicom.errors
 
 from ..background import BackgroundService
-from ..config import Config
+from ..config import Config, Destination
 from ..db import Database
 from ..lifecycle import OUTBOX_ACTIVE, OutboxInstanceState, OutboxState, marks, words
 from ..store import InstanceStore
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 RULES_EVERY_S = 2.0
 PEER_IDLE_S = 20.0  # open connections/associations to a destination are closed after this idle time
-PeerFactory = Callable[[dict[str, Any], threading.Event], Peer]
+PeerFactory = Callable[[Destination, threading.Event], Peer]
 
 
 class Forwarder(BackgroundService):
@@ -67,15 +67,15 @@ class Forwarder(BackgroundService):
             self._uids = UidMap(self.db)
         return self._uids
 
-    def _default_peer(self, dest: dict[str, Any], stop: threading.Event) -> Peer:
-        pacer = Pacer(int(dest["max_rate_kbps"]), stop)
-        if dest["kind"] == "dicom":
-            return DicomPeer(dest, self.config["dicom"]["ae_title"], pacer=pacer)
+    def _default_peer(self, dest: Destination, stop: threading.Event) -> Peer:
+        pacer = Pacer(int(dest.max_rate_kbps), stop)
+        if dest.kind == "dicom":
+            return DicomPeer(dest, self.config.dicom.ae_title, pacer=pacer)
         return DicomWebPeer(dest, pacer=pacer)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        if not self.config["destinations"]:
+        if not self.config.destinations:
             log.info("forwarding: no destinations configured")
             return
         self._spawn("forward-sender", self._send_loop)
@@ -105,16 +105,16 @@ class Forwarder(BackgroundService):
     def _report_loop(self) -> None:
         last: dict[str, float] = {}
         while not self._stop.wait(1.0):
-            for dest in self.config["destinations"]:
-                if dest["kind"] != "dicomweb" or time.monotonic() - last.get(dest["name"], -1e9) < dest["poll_reports_s"]:
+            for dest in self.config.destinations:
+                if dest.kind != "dicomweb" or time.monotonic() - last.get(dest.name, -1e9) < dest.poll_reports_s:
                     continue
-                last[dest["name"]] = time.monotonic()
+                last[dest.name] = time.monotonic()
                 try:
                     reports.poll(self.db, self.store, self.uids, dest, DicomWebPeer(dest))
                 except TransientSendError as exc:
-                    log.warning("report poll of %s: %s", dest["name"], exc)
+                    log.warning("report poll of %s: %s", dest.name, exc)
                 except Exception:  # noqa: BLE001 - keep polling the other destinations
-                    log.exception("report poll of %s failed", dest["name"])
+                    log.exception("report poll of %s failed", dest.name)
 
     # -- one attempt -------------------------------------------------------------------------
     def run_once(self) -> bool:
@@ -128,10 +128,10 @@ class Forwarder(BackgroundService):
     def attempt(self, item: dict[str, Any]) -> str:
         return self.attempt_batch([item])[item["id"]]
 
-    def _peer(self, dest: dict[str, Any]) -> Peer:
-        peer = self._peers.get(dest["name"]) or self._peer_factory(dest, self._stop)
-        self._peers[dest["name"]] = peer
-        self._peer_used[dest["name"]] = time.monotonic()
+    def _peer(self, dest: Destination) -> Peer:
+        peer = self._peers.get(dest.name) or self._peer_factory(dest, self._stop)
+        self._peers[dest.name] = peer
+        self._peer_used[dest.name] = time.monotonic()
         return peer
 
     def close_idle_peers(self, idle_s: float = PEER_IDLE_S) -> None:
@@ -148,8 +148,8 @@ class Forwarder(BackgroundService):
         dest = self.config.destination(items[0]["destination"])
         remote: dict[int, str] = {}
         for item in items:
-            outbox.refresh_instances(self.db, item, dest["attach_ai_results"])
-            remote[item["id"]] = self.uids.uid(item["study_uid"]) if dest["deidentify"] else item["study_uid"]
+            outbox.refresh_instances(self.db, item, dest.attach_ai_results)
+            remote[item["id"]] = self.uids.uid(item["study_uid"]) if dest.deidentify else item["study_uid"]
             if remote[item["id"]] != item["remote_study_uid"]:
                 self.uids.flush()
                 outbox.set_remote_study(self.db, item["id"], remote[item["id"]])
@@ -182,24 +182,24 @@ class Forwarder(BackgroundService):
             if stopped:
                 return {i: "interrupted" for i in ids}
             confirmed = self._confirm(peer, ids, remote)
-            outbox.note_success(self.db, dest["name"])
+            outbox.note_success(self.db, dest.name)
         except TransientSendError as exc:
-            self._peers.pop(dest["name"], None)
+            self._peers.pop(dest.name, None)
             peer.close()
-            delay = outbox.note_failure(self.db, ids, dest["name"], str(exc), dest["retry_max_s"])
+            delay = outbox.note_failure(self.db, ids, dest.name, str(exc), dest.retry_max_s)
             log.warning("outbox items %s: %s; retry in %.0fs", ids, exc, delay)
             return {i: "retry" for i in ids}
         except BaseException:
-            self._peers.pop(dest["name"], None)
+            self._peers.pop(dest.name, None)
             peer.close()
             raise
-        states = {i: outbox.settle(self.db, i, dest["attach_ai_results"]) for i in ids}
+        states = {i: outbox.settle(self.db, i, dest.attach_ai_results) for i in ids}
         unlisted = [i for i, state in states.items() if state in (OutboxState.SENDING, OutboxState.DELIVERED)]
         if unlisted:
             # Acknowledged but not listed by the hub: not confirmed, so try again later.
-            outbox.note_failure(self.db, unlisted, dest["name"],
-                                f"{dest['name']} does not list every acknowledged instance yet", dest["retry_max_s"])
-        log.info("outbox items to %s: %s (%d instances confirmed)", dest["name"], states, confirmed)
+            outbox.note_failure(self.db, unlisted, dest.name,
+                                f"{dest.name} does not list every acknowledged instance yet", dest.retry_max_s)
+        log.info("outbox items to %s: %s (%d instances confirmed)", dest.name, states, confirmed)
         return states
 
     def _confirm(self, peer: Peer, item_ids: list[int], remote: dict[int, str]) -> int:
@@ -230,13 +230,13 @@ class Forwarder(BackgroundService):
             return bool(urgent)
         return False
 
-    def _assign_remote_uids(self, item: dict[str, Any], rows: list[dict[str, Any]], dest: dict[str, Any]) -> None:
+    def _assign_remote_uids(self, item: dict[str, Any], rows: list[dict[str, Any]], dest: Destination) -> None:
         """Record each instance's UID on the hub before anything is sent, so a crash right after
         the hub stored it can still be recognised by the next attempt's query."""
         updates = []
         for r in rows:
             if not r["remote_sop_instance_uid"]:
-                remote = self.uids.uid(r["sop_instance_uid"]) if dest["deidentify"] else r["sop_instance_uid"]
+                remote = self.uids.uid(r["sop_instance_uid"]) if dest.deidentify else r["sop_instance_uid"]
                 updates.append({"sop_instance_uid": r["sop_instance_uid"], "state": r["state"],
                                 "remote_sop_instance_uid": remote})
                 r["remote_sop_instance_uid"] = remote
@@ -244,14 +244,14 @@ class Forwarder(BackgroundService):
         if updates:
             outbox.mark_instances(self.db, item["id"], updates)
 
-    def _outgoing(self, row: dict[str, Any], dest: dict[str, Any]) -> Outgoing:
+    def _outgoing(self, row: dict[str, Any], dest: Destination) -> Outgoing:
         def load() -> pydicom.Dataset:
             try:
                 ds: pydicom.Dataset = pydicom.dcmread(row["file_path"])
             except (OSError, pydicom.errors.InvalidDicomError) as exc:
                 raise PolicyBlocked(f"stored file unreadable on the box: {type(exc).__name__}") from exc
-            if dest["deidentify"]:
-                ds = deidentify(ds, self.uids, dest["allow_burned_in"])
+            if dest.deidentify:
+                ds = deidentify(ds, self.uids, dest.allow_burned_in)
                 self.uids.flush()
             return ds
 

@@ -42,7 +42,7 @@ def _unlisted(database: Database, where: str, params: tuple[Any, ...],
 
 
 def _ai_destinations(config: Config | None) -> list[str] | None:
-    return None if config is None else [d["name"] for d in config["destinations"] if d["attach_ai_results"]]
+    return None if config is None else [d.name for d in config.destinations if d.attach_ai_results]
 
 
 def _with_counts(database: Database, items: list[dict[str, Any]],
@@ -124,8 +124,8 @@ def destination_status(database: Database, config: Config) -> list[dict[str, Any
     """Per configured destination: queue length, bytes pending, last success, next retry, last
     error.  For the status screen."""
     out = []
-    for dest in config["destinations"]:
-        name = dest["name"]
+    for dest in config.destinations:
+        name = dest.name
         state = database.query("SELECT * FROM destination_state WHERE name = ?", (name,))
         st = state[0] if state else {}
         queue = database.query(f"SELECT COUNT(*) AS n FROM outbox_items WHERE destination = ? AND state {_ACTIVE_IN}",
@@ -140,8 +140,8 @@ def destination_status(database: Database, config: Config) -> list[dict[str, Any
         failed = database.query("SELECT COUNT(*) AS n FROM outbox_items WHERE destination = ? AND state = ?",
                                 (name, OutboxState.FAILED.value))[0]["n"]
         out.append({
-            "name": name, "kind": dest["kind"], "deidentify": dest["deidentify"], "compress": dest["compress"],
-            "send_window": dest["send_window"], "queue_length": queue, "failed_items": failed,
+            "name": name, "kind": dest.kind, "deidentify": dest.deidentify, "compress": dest.compress,
+            "send_window": dest.send_window, "queue_length": queue, "failed_items": failed,
             "bytes_pending": int(pending), "last_success_at": st.get("last_success_at", ""),
             "last_attempt_at": st.get("last_attempt_at", ""), "next_retry_at": st.get("next_attempt_at", ""),
             "consecutive_failures": st.get("failures", 0), "last_error": st.get("last_error", ""),

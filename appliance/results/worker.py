@@ -67,9 +67,9 @@ class ObjectsWorker(BackgroundService):
         self.config = config
         self.db = database
         self.store = store
-        self.max_attempts = int(config["analyze"]["max_attempts"])
+        self.max_attempts = int(config.analyze.max_attempts)
         self.ingest_busy = ingest_busy or (lambda: False)
-        self.max_defer_s = float(config["analyze"]["defer_while_receiving_s"])
+        self.max_defer_s = float(config.analyze.defer_while_receiving_s)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:

@@ -60,5 +60,5 @@ def test_status_screen_per_destination_after_real_attempts(tmp_path, orthanc):
     down = destination_rows(after, "down")
     assert down["dest-queue"] == f"1 items · {human_bytes(size)} pending" and down["dest-success"] == "never"
     assert down["dest-retry"] == f"{local_time(status['down']['next_retry_at'])} · 1 failed attempts in a row"
-    assert f"127.0.0.1:{box.config.destination('down')['port']}" in down["dest-error"]
+    assert f"127.0.0.1:{box.config.destination('down').port}" in down["dest-error"]
     assert orthanc.instance_count() == 1

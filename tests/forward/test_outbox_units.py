@@ -10,7 +10,7 @@ import pydicom
 import pytest
 import requests
 
-from appliance.config import load_config
+from appliance.config import Destination, load_config
 from appliance.db import open_database
 from appliance.errors import ConfigError
 from appliance.forward import cancel_item, request_forward, retry_item, study_forwarding
@@ -215,7 +215,7 @@ def test_dicom_peer_keeps_associations_across_items_and_finds_on_them():
     from appliance.forward.dicom_peer import DicomPeer
 
     log, now = [], [0.0]
-    peer = DicomPeer({"name": "pacs", "host": "127.0.0.1", "port": 104, "called_ae": "HUB"}, "EDGE",
+    peer = DicomPeer(Destination(name="pacs", kind="dicom", host="127.0.0.1", port=104, called_ae="HUB"), "EDGE",
                      ae_factory=FakeAE(log), lanes=2, idle_s=20, clock=lambda: now[0])
     reported = []
     peer.send(_outgoing(4), reported.extend, lambda: False)
@@ -241,7 +241,7 @@ def test_a_lane_left_idle_is_released_before_the_peer_would_drop_it():
     from appliance.forward.dicom_peer import DicomPeer
 
     log, now = [], [0.0]
-    peer = DicomPeer({"name": "pacs", "host": "127.0.0.1", "port": 104, "called_ae": "HUB"}, "EDGE",
+    peer = DicomPeer(Destination(name="pacs", kind="dicom", host="127.0.0.1", port=104, called_ae="HUB"), "EDGE",
                      ae_factory=FakeAE(log), lanes=2, idle_s=20, clock=lambda: now[0])
     peer.send(_outgoing(2), [].extend, lambda: False)
     first, second = [e[1] for e in log if e[0] == "open"]
@@ -302,7 +302,7 @@ def test_dicomweb_confirms_many_studies_per_query_and_paces_the_body():
             return response
 
     session = Session()
-    peer = DicomWebPeer({"name": "hub", "url": "http://127.0.0.1:9/dicom-web"}, session=session)
+    peer = DicomWebPeer(Destination(name="hub", kind="dicomweb", url="http://127.0.0.1:9/dicom-web"), session=session)
     uids = [f"1.2.{i}" for i in range(30)]
     peer.present(uids)
     assert [c[1]["StudyInstanceUID"] for c in session.calls] == [",".join(uids[:24]), ",".join(uids[24:])]
@@ -323,7 +323,7 @@ def test_c_store_response_wait_grows_with_the_dataset_on_slow_links(monkeypatch)
     from appliance.forward.dicom_peer import SLOWEST_LINK_BYTES_PER_S, DicomPeer
 
     log = []
-    peer = DicomPeer({"name": "pacs", "host": "127.0.0.1", "port": 104, "called_ae": "HUB"}, "EDGE",
+    peer = DicomPeer(Destination(name="pacs", kind="dicom", host="127.0.0.1", port=104, called_ae="HUB"), "EDGE",
                      ae_factory=FakeAE(log), lanes=3, timeout_s=30)
     assert peer.response_timeout_s(0) == 30
     big = peer.response_timeout_s(7_200_000)

@@ -15,6 +15,6 @@ def healthz():  # type: ignore[no-untyped-def]
     if config is not None:
         usage = shutil.disk_usage(config.data_dir)
         body["disk_free_mb"] = usage.free // (1024 * 1024)
-        body["disk_floor_mb"] = config["storage"]["min_free_mb"]
+        body["disk_floor_mb"] = config.storage.min_free_mb
         body["accepting_images"] = body["disk_free_mb"] >= body["disk_floor_mb"]
     return jsonify(body)

@@ -47,7 +47,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 def load_secret_key(config: Config) -> str:
     """``[http] secret_key`` if set, else a key generated once into ``<data_dir>/secret_key``
     (mode 0600) and reused, so sessions survive a restart and no key ever ships in git."""
-    configured = str(config["http"]["secret_key"])
+    configured = str(config.http.secret_key)
     if configured:
         return configured
     data_dir = Path(config.data_dir)

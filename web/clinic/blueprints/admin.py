@@ -90,19 +90,19 @@ def update_user(user_id: int) -> Any:
 @bp.get("/connections")
 def connections() -> Any:
     config = current_app.config["APPLIANCE"]
-    return render_template("admin/connections.html", dicom=config["dicom"], destinations=destination_details(),
+    return render_template("admin/connections.html", dicom=config.dicom, destinations=destination_details(),
                            sources=config.sources)
 
 
 @bp.get("/models")
 def models() -> Any:
-    engines_dir = current_app.config["APPLIANCE"]["analyze"]["engines_dir"]
+    engines_dir = current_app.config["APPLIANCE"].analyze.engines_dir
     return render_template("admin/models.html", models=engines_info.installed(engines_dir), engines_dir=engines_dir)
 
 
 @bp.get("/models/<model_id>/card")
 def model_card(model_id: str) -> Any:
-    engines_dir = Path(current_app.config["APPLIANCE"]["analyze"]["engines_dir"])
+    engines_dir = Path(current_app.config["APPLIANCE"].analyze.engines_dir)
     models = engines_info.installed(engines_dir)
     if model_id not in models:
         abort(404)

@@ -71,14 +71,14 @@ def queues() -> dict[str, Any]:
 
 def inference() -> dict[str, Any]:
     config = current_app.config["APPLIANCE"]
-    configured = config["analyze"]["backend"]
+    configured = config.analyze.backend
     try:
         active, problem = resolve_backend(configured), ""
     except ApplianceError as exc:
         active, problem = "", str(exc)
     last = database().query("SELECT backend, precision, created_at FROM analysis_results WHERE backend != '' "
                             "ORDER BY id DESC LIMIT 1")
-    models = engines_info.installed(config["analyze"]["engines_dir"])
+    models = engines_info.installed(config.analyze.engines_dir)
     return {"configured": configured, "active": active, "problem": problem, "last": last[0] if last else None,
             "models": models}
 
@@ -86,6 +86,6 @@ def inference() -> dict[str, Any]:
 @bp.get("/status")
 def index() -> Any:
     config = current_app.config["APPLIANCE"]
-    return render_template("status.html", health=health(Path(config.data_dir), int(config["storage"]["min_free_mb"])),
+    return render_template("status.html", health=health(Path(config.data_dir), int(config.storage.min_free_mb)),
                            queues=queues(), inference=inference(),
                            destinations=forwarding.destinations_overview(database(), config))

@@ -33,8 +33,8 @@ SHOWN_DESTINATION_KEYS = ("name", "kind", "host", "port", "called_ae", "url", "d
 
 def destination_details() -> list[dict[str, Any]]:
     """``[[destinations]]`` from the configuration, without credentials (never shown on screen)."""
-    configured = current_app.config["APPLIANCE"].as_dict().get("destinations", [])
-    return [{k: d.get(k) for k in SHOWN_DESTINATION_KEYS} for d in configured if isinstance(d, dict) and d.get("name")]
+    configured = current_app.config["APPLIANCE"].destinations
+    return [{k: getattr(d, k) for k in SHOWN_DESTINATION_KEYS} for d in configured]
 
 
 def destinations() -> list[str]:
@@ -53,7 +53,7 @@ def _study_or_404(study_uid: str) -> dict[str, Any]:
 
 def _results(study_uid: str) -> list[dict[str, Any]]:
     db = database()
-    engines_dir = current_app.config["APPLIANCE"]["analyze"]["engines_dir"]
+    engines_dir = current_app.config["APPLIANCE"].analyze.engines_dir
     rows = db.query("SELECT * FROM analysis_results WHERE study_uid = ? ORDER BY id", (study_uid,))
     current = {r["id"] for r in triage.current_results(rows)}
     out = []
@@ -101,7 +101,7 @@ def view(study_uid: str) -> Any:
     audit.record(db, g.user.username, "view_study", study_uid)
     summary = queries.ai_summary(results, 0, 0)
     problems = catalog.failure_notes(catalog.study_failures(db, [study_uid]).get(study_uid, []))
-    engines_dir = current_app.config["APPLIANCE"]["analyze"]["engines_dir"]
+    engines_dir = current_app.config["APPLIANCE"].analyze.engines_dir
     superseded = [dict(s, superseded_at=local_time(s["superseded_at"]),
                        model_name=_("no model") if s["model"] == ROUTER else engines_info.model_name(engines_dir, s["model"]))
                   for s in catalog.superseded_results(db, study_uid)]
