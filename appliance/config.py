@@ -118,29 +118,16 @@ def required(*, choices: Optional[tuple[str, ...]] = None) -> Any:
     return field(metadata={"bounds": None, "choices": choices, "check": None})
 
 
-class _ItemAccess:
-    """TRANSITION ONLY: ``section["key"]`` and ``section.get("key")`` answer like the attributes,
-    for code not yet converted to ``section.key``.  Removed once every caller uses attributes."""
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.__dataclass_fields__:  # type: ignore[attr-defined]
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in self.__dataclass_fields__ else default  # type: ignore[attr-defined]
-
-
 # ----------------------------------------------------------------------------- sections
 
 @dataclass(frozen=True)
-class Storage(_ItemAccess):
+class Storage:
     data_dir: Path = setting(PROJECT_ROOT / "data")
     min_free_mb: int = setting(500, bounds=(0, 1_000_000))
 
 
 @dataclass(frozen=True)
-class Dicom(_ItemAccess):
+class Dicom:
     # The reasons for the limits are in firmware_config/appliance.toml.
     ae_title: str = setting("EDGE", check=_check_ae)
     host: str = setting("0.0.0.0")
@@ -161,7 +148,7 @@ class Dicom(_ItemAccess):
 
 
 @dataclass(frozen=True)
-class Http(_ItemAccess):
+class Http:
     host: str = setting("0.0.0.0")
     port: int = setting(8080, bounds=(0, 65535))
     threads: int = setting(8, bounds=(1, 256))
@@ -169,12 +156,12 @@ class Http(_ItemAccess):
 
 
 @dataclass(frozen=True)
-class Log(_ItemAccess):
+class Log:
     level: str = setting("INFO", check=_check_level)
 
 
 @dataclass(frozen=True)
-class Analyze(_ItemAccess):
+class Analyze:
     engines_dir: Path = setting(PROJECT_ROOT / "engines")
     backend: str = setting("auto", choices=("auto", "onnxruntime", "tensorrt"))
     threads: int = setting(2, bounds=(1, 64))
@@ -195,7 +182,7 @@ class Analyze(_ItemAccess):
 
 
 @dataclass(frozen=True)
-class Destination(_ItemAccess):
+class Destination:
     """One ``[[destinations]]`` entry (docs/FORWARDING.md describes every key)."""
 
     name: str = required()
@@ -223,7 +210,7 @@ class Destination(_ItemAccess):
 
 
 @dataclass(frozen=True)
-class ForwardRule(_ItemAccess):
+class ForwardRule:
     """One ``[[forward_rules]]`` entry: studies matching ``when`` are queued for destination ``to``."""
 
     when: str = required(choices=("urgent", "reviewed", "analyzed"))
@@ -237,7 +224,7 @@ TABLE_ARRAYS: dict[str, type] = {"destinations": Destination, "forward_rules": F
 
 
 @dataclass(frozen=True)
-class Config(_ItemAccess):
+class Config:
     """The effective configuration; building one validates it (bounds, choices, forwarding)."""
 
     storage: Storage = field(default_factory=Storage)
@@ -263,12 +250,6 @@ class Config(_ItemAccess):
                 return dest
         known = ", ".join(d.name for d in self.destinations) or "none configured"
         raise ConfigError(f"no destination named {name!r} (known: {known})")
-
-    def get(self, dotted: str, default: Any = None) -> Any:
-        """TRANSITION ONLY: ``config.get("dicom.port")``; use ``config.dicom.port``."""
-        section, _, key = dotted.partition(".")
-        table = getattr(self, section, None)
-        return table.get(key, default) if isinstance(table, _ItemAccess) else default
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values: sections as tables, table arrays as lists of tables."""
