@@ -16,7 +16,7 @@
    The ratio queue drain / bare shows what the queue, database and files cost (target ≥ 0.85:
    one inference per image, the rest is bookkeeping).
 
-Usage: .venv/bin/python scripts/bench_pipeline.py [--latency-n 100] [--burst-n 500] [--senders 4]
+Usage: .venv/bin/python scripts/bench_pipeline.py [--latency-n 100] [--burst-n 500] [--senders 4] [--workers 2]
 """
 from __future__ import annotations
 
@@ -64,10 +64,10 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def bench_latency(work: Path, n: int) -> list[float]:
+def bench_latency(work: Path, n: int, workers: int) -> list[float]:
     files = write_fresh_copies([pydicom.dcmread(sample("RG1_UNCR.dcm"))] * n, work / "latency")
     server = ServerProcess(work / "data-latency", allowed=CALLING_AE,
-                           extra_env={"APPLIANCE_ANALYZE_WORKERS": "2"}).start()
+                           extra_env={"APPLIANCE_ANALYZE_WORKERS": str(workers)}).start()
     latencies = []
     try:
         db = sqlite3.connect(server.data_dir / "appliance.db")
@@ -86,10 +86,10 @@ def bench_latency(work: Path, n: int) -> list[float]:
     return latencies
 
 
-def bench_burst(files: list[Path], work: Path, senders: int) -> dict[str, float]:
+def bench_burst(files: list[Path], work: Path, senders: int, workers: int) -> dict[str, float]:
     """Send the burst; time the whole (first C-STORE to last result) and the queue's drain
     (from the moment every image is stored and queued to the last result)."""
-    server = ServerProcess(work / "data-burst", allowed=CALLING_AE, extra_env={"APPLIANCE_ANALYZE_WORKERS": "2"}).start()
+    server = ServerProcess(work / "data-burst", allowed=CALLING_AE, extra_env={"APPLIANCE_ANALYZE_WORKERS": str(workers)}).start()
     try:
         db = sqlite3.connect(server.data_dir / "appliance.db")
         t0 = time.perf_counter()
@@ -139,17 +139,19 @@ def main() -> None:
     parser.add_argument("--latency-n", type=int, default=100)
     parser.add_argument("--burst-n", type=int, default=500)
     parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2, help="analyze.workers of the served box (default 2)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
         print(f"latency: {args.latency_n} single-image chest CR studies (1955x1841), sent one by one", flush=True)
-        lat = bench_latency(work, args.latency_n) if args.latency_n else []
+        lat = bench_latency(work, args.latency_n, args.workers) if args.latency_n else []
         burst_files = write_fresh_copies([resized_copy(pydicom.dcmread(sample("RG1_UNCR.dcm")), 512)] * args.burst_n,
                                          work / "burst")
         print(f"bare loop: decode + preprocess + infer of {len(burst_files)} images, one process", flush=True)
         bare = bench_bare(burst_files)
-        print(f"burst: {len(burst_files)} images, {args.senders} parallel dcmsend", flush=True)
-        burst = bench_burst(burst_files, work, args.senders)
+        print(f"burst: {len(burst_files)} images, {args.senders} parallel dcmsend, analyze.workers = {args.workers}",
+              flush=True)
+        burst = bench_burst(burst_files, work, args.senders, args.workers)
     print()
     print(f"{'measure':<44} {'value':>10}")
     if lat:

@@ -49,13 +49,14 @@ def interrupted_reason(attempts: int, doing: str) -> str:
 
 
 def _activate(scores: np.ndarray, activation: str) -> np.ndarray:
-    scores = np.asarray(scores, dtype=np.float64)
+    values = np.asarray(scores, dtype=np.float64)
     if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-scores))
+        return 1.0 / (1.0 + np.exp(-values))
     if activation == "softmax":
-        shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        return shifted / shifted.sum(axis=-1, keepdims=True)
-    return scores  # *_applied / none: the graph already produced probabilities
+        shifted = np.exp(values - values.max(axis=-1, keepdims=True))
+        # (numpy's stubs type a keepdims reduction as Any; the quotient is float64 already)
+        return np.asarray(shifted / shifted.sum(axis=-1, keepdims=True), dtype=np.float64)
+    return values  # *_applied / none: the graph already produced probabilities
 
 
 def default_precision(manifest: Manifest, backend_name: str) -> str:
@@ -119,12 +120,14 @@ class ModelRunner:
                               backend=self.backend_label, precision=self.precision,
                               disclaimer=self.manifest.disclaimer or AI_NOTICE, **kwargs)
 
-    def analyze(self, source: Any, frame: Optional[int] = None, make_heatmap: bool = True) -> AnalysisResult:
+    def analyze(self, source: Any, frame: Optional[int] = None, make_heatmap: bool = True,
+                fingerprint: Optional[dict[str, Any]] = None) -> AnalysisResult:
         """Run the full run-time path on a path, Dataset, DICOM bytes or DecodedImage.
 
         The model runs once.  The result keeps the heatmap evidence of that run (the top
         finding's activation map and the crop), from which the results stage draws the overlay;
-        ``make_heatmap`` also draws it here (``result.heatmap``)."""
+        ``make_heatmap`` also draws it here (``result.heatmap``).  ``fingerprint`` is the
+        image's :func:`acquisition_fingerprint` when the caller has it already."""
         try:
             image: DecodedImage = decode(source, frame=frame)
         except DecodeError as exc:
@@ -132,7 +135,8 @@ class ModelRunner:
         meta = {"modality": image.modality, "body_part": image.body_part, "view": image.view,
                 "photometric": image.photometric, "rows": image.rows, "columns": image.columns,
                 "frames": image.frames, "frame_index": image.frame_index, "is_colour": image.is_colour}
-        fingerprint = acquisition_fingerprint(image.header) if image.header is not None else {}
+        if fingerprint is None:
+            fingerprint = acquisition_fingerprint(image.header) if image.header is not None else {}
         patient = gate.read_patient(image.header) if image.header is not None else None
         population, notes = gate.check_population(patient, self.manifest)
         refusal = gate.check_metadata(image, self.manifest) or population or gate.check_pixels(image, self.manifest)

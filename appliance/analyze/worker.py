@@ -92,12 +92,17 @@ class ModelCatalog:
     """The installed packages, verified once and re-verified only when their files change.
 
     Verifying hashes every model file; doing it per image would cost more than the inference.
+    Even the look at the files (a stat of each) is made at most every ``RECHECK_S``: a package
+    installed or changed is used from the next image after that.
     """
+
+    RECHECK_S = 1.0
 
     def __init__(self, engines_dir: Path):
         self.engines_dir = engines_dir
         self._lock = threading.Lock()
         self._signature: Optional[tuple[tuple[str, int, int], ...]] = None
+        self._checked_at = 0.0
         self._found: dict[str, Manifest | ManifestError] = {}
 
     def _current_signature(self) -> tuple[tuple[str, int, int], ...]:
@@ -107,11 +112,15 @@ class ModelCatalog:
                             if p.is_file() for st in [p.stat()]))
 
     def packages(self) -> dict[str, Manifest | ManifestError]:
-        signature = self._current_signature()
         with self._lock:
+            now = time.monotonic()
+            if self._signature is not None and now - self._checked_at < self.RECHECK_S:
+                return self._found
+            signature = self._current_signature()
             if signature != self._signature:
                 self._found = discover_models(self.engines_dir)
                 self._signature = signature
+            self._checked_at = now
             return self._found
 
 
@@ -191,6 +200,8 @@ class AnalysisWorker(BackgroundService):
         self.quiet_s = int(config.analyze.study_quiet_s)
         self._replacements_seen = 0  # superseded_instances.id up to which results were checked
         self._replacements_lock = threading.Lock()
+        self._warm_up_lock = threading.Lock()
+        self._warmed_up = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def recover(self) -> int:
@@ -225,8 +236,31 @@ class AnalysisWorker(BackgroundService):
             self.settle_quiet_studies()
         return worked
 
+    def warm_up(self) -> list[str]:
+        """Load every installed, verified model now, so the first image does not wait for it
+        (verifying and loading a package takes about a second).  Returns the models loaded; one
+        that cannot load is left for its cases to record why."""
+        loaded = []
+        for model_id, found in self.catalog.packages().items():
+            if isinstance(found, ManifestError):
+                continue
+            try:
+                get_runner(model_id, self.config)
+            except (ManifestError, InferenceError) as exc:
+                log.error("model %s cannot be loaded: %s", model_id, exc)
+                continue
+            loaded.append(model_id)
+        return loaded
+
     def _loop(self, step: Callable[[], bool]) -> None:
         prepare_worker_thread(self.db)
+        with self._warm_up_lock:  # the first thread loads the models; the others wait for it
+            if not self._warmed_up:
+                try:
+                    log.info("analysis: models loaded: %s", ", ".join(self.warm_up()) or "none")
+                except Exception:  # noqa: BLE001 - a worker thread must survive anything
+                    log.exception("loading the models at start-up failed; they load with the first image")
+                self._warmed_up = True
         deferral = IngestDeferral(self.ingest_busy, self.max_defer_s)
         while not self._stop.is_set():
             # Before deferring to ingest: a replaced image must not show its old result meanwhile.
@@ -357,12 +391,18 @@ class AnalysisWorker(BackgroundService):
         data, sha = read_instance(Path(instance["file_path"]))
         job = {**job, "read_sha256": sha, "fingerprint": {}}
         rows: list[dict[str, Any]] = []
+        source: pydicom.Dataset | bytes
         try:
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
-            rows.append(self._row(job, ROUTER, "1", ResultStatus.FAILED, error=f"stored file unreadable: {exc}"))
-            self._commit(job, rows)
-            return
+            # Parsed once: the header routes, and the models decode their frames from this dataset.
+            header = source = pydicom.dcmread(io.BytesIO(data))
+        except (pydicom.errors.InvalidDicomError, ValueError, EOFError):
+            try:  # the pixel data may be what is broken: then each model says so for its result
+                header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+                source = data
+            except (pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
+                rows.append(self._row(job, ROUTER, "1", ResultStatus.FAILED, error=f"stored file unreadable: {exc}"))
+                self._commit(job, rows)
+                return
         job["fingerprint"] = acquisition_fingerprint(header)
         routes = route(header, self.catalog)
         if not routes:
@@ -374,16 +414,16 @@ class AnalysisWorker(BackgroundService):
         for r in routes:
             if (r.model_id, r.version) in done:
                 continue
-            rows.append(self._analyze(job, data, r))
+            rows.append(self._analyze(job, source, r))
         self._commit(job, rows)
 
-    def _analyze(self, job: dict[str, Any], data: bytes, r: Route) -> dict[str, Any]:
+    def _analyze(self, job: dict[str, Any], source: pydicom.Dataset | bytes, r: Route) -> dict[str, Any]:
         if r.manifest is None:
             return self._row(job, r.model_id, r.version, ResultStatus.FAILED, error=r.error)
         try:
             runner = get_runner(r.model_id, self.config)
             # The overlay is drawn by the results stage, from the evidence this run records.
-            result = runner.analyze(data, make_heatmap=False)
+            result = runner.analyze(source, make_heatmap=False, fingerprint=job["fingerprint"])
         except (ManifestError, InferenceError) as exc:
             return self._row(job, r.model_id, r.version, ResultStatus.FAILED, error=f"model cannot run: {exc}")
         except (TRANSIENT + (KeyboardInterrupt, SystemExit)):

@@ -75,9 +75,9 @@ def stuck_ultrasound(path: Path) -> Path:
     return _save(_with_raw(pydicom.dcmread(sample("color3d_jpeg_baseline.dcm")), "NumberOfFrames", b""), path)
 
 
-def stuck_chest(path: Path) -> Path:
+def stuck_chest(path: Path, size: int = 384) -> Path:
     """The RG1 chest CR (area-resized so it runs quickly) with a backslash in Patient's Name."""
-    return _save(_with_raw(small_chest(), "PatientName", NAME), path)
+    return _save(_with_raw(small_chest(size), "PatientName", NAME), path)
 
 
 def uid_of(path: Path, keyword: str = "SOPInstanceUID") -> str:
@@ -233,7 +233,10 @@ def test_crashes_across_restarts_are_bounded_then_failed_and_forwarded(tmp_path,
            "APPLIANCE_ANALYZE_MAX_ATTEMPTS": "2"}
     server = server_factory(config_file=config, extra_env=env).start()
     killed_running = stuck_chest(tmp_path / "in" / "a.dcm")  # killed while analysed
-    killed_building = stuck_chest(tmp_path / "in" / "b.dcm")  # killed while its AI objects are built
+    # Killed while its AI objects are built.  They come from the recorded result (the model does
+    # not run again), so B is nearly full size: drawing and writing its heatmap SC takes long
+    # enough (about 0.3 s) to be seen 'building'.
+    killed_building = stuck_chest(tmp_path / "in" / "b.dcm", size=1536)
     us = stuck_ultrasound(tmp_path / "in" / "us.dcm")
     a, b, u = uid_of(killed_running), uid_of(killed_building), uid_of(us)
     data = server.data_dir

@@ -82,3 +82,22 @@ def test_reanalysis_with_newer_model_version_keeps_both(box, tmp_path):
     assert again.stdout.count("analyzed") == 2
     unknown = run_cli("analyze", "--study", "1.2.3", "--data-dir", str(config.data_dir), env=env)
     assert unknown.returncode != 0 and "no study 1.2.3" in unknown.stderr
+
+
+def test_models_are_loaded_before_the_first_image(box):
+    """The first image of the day does not wait for its model to be verified and loaded; a
+    package that cannot load is left to its cases (they record why)."""
+    from appliance.analyze import runner
+
+    config, database, store, pipeline = box
+    onnx = config.analyze.engines_dir / "us-breast-lesion" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-64] + b"\0" * 64)  # fails its sha256 check
+    assert pipeline.analysis.warm_up() == ["cxr-pneumonia"]
+    loaded = {key[1] for key in runner._RUNNERS if key[0] == str(config.analyze.engines_dir)}
+    assert loaded == {"cxr-pneumonia"}
+    store.store(paediatric_sample_bytes())
+    store.store(sample("US1_UNCR.dcm").read_bytes())
+    pipeline.analysis.run_until_idle()
+    states = {r["model_id"]: (r["status"], r["error"]) for r in database.query("SELECT * FROM analysis_results")}
+    assert states["cxr-pneumonia"][0] == "analyzed"
+    assert states["us-breast-lesion"][0] == "failed" and "sha256" in states["us-breast-lesion"][1]
