@@ -23,14 +23,19 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
+import sqlite_utils
+
 from .lifecycle import JOB_OUTSTANDING, ResultStatus, StudyEvent, marks, move_study, words
 
 PRIORITY_RANK = {"urgent": 0, "review": 1, "routine": 2, "not_analyzed": 3}
 WORKLIST_ORDER = "priority_rank ASC, score DESC, first_received_at ASC"
 
 
-def _version_key(version: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in version.split("."))
+def _version_key(version: str) -> tuple[tuple[int, int, str], ...]:
+    """Dotted parts compared as numbers where they are digits (1.10 > 1.9), as text otherwise;
+    at the same position text sorts before a number (2.0-rc1 < 2.0 < 2.0.1), so any two
+    versions compare."""
+    return tuple((1, int(p), "") if p.isdigit() else (0, 0, p) for p in version.split("."))
 
 
 def current_results(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -67,7 +72,7 @@ def assess(rows: Iterable[dict[str, Any]]) -> tuple[str, float]:
     return "not_analyzed", 0.0
 
 
-def update_study(tx: Any, study_uid: str, now: str) -> str:
+def update_study(tx: sqlite_utils.Database, study_uid: str, now: str) -> str:
     """Recompute a study's priority and score inside the caller's transaction, and move its state
     (:func:`appliance.lifecycle.move_study`: analysis done, or still queued).
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, time as dtime
 
 BACKOFF_BASE_S = 1.0
@@ -31,9 +32,12 @@ def _hm(text: str) -> dtime:
 def backoff_s(failures: int, cap_s: float, rng: random.Random | None = None) -> float:
     """Capped exponential backoff with "equal jitter": half fixed, half random, so a fleet of boxes
     coming back after the same outage does not hit the hub in lock-step."""
-    ceiling = min(float(cap_s), BACKOFF_BASE_S * 2 ** max(0, failures - 1))
+    # The exponent is bounded: 2 ** 1024 overflows a float (a destination down for days reaches
+    # it), and 2 ** 60 seconds is beyond any cap.
+    ceiling = min(float(cap_s), BACKOFF_BASE_S * 2.0 ** min(max(0, failures - 1), 60))
     half = ceiling / 2
-    return half + (rng or random).uniform(0, half)
+    uniform = rng.uniform if rng is not None else random.uniform
+    return half + uniform(0, half)
 
 
 class Pacer:
@@ -46,7 +50,7 @@ class Pacer:
     """
 
     def __init__(self, rate_kbps: int, stop: threading.Event | None = None,
-                 clock=time.monotonic):
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.bytes_per_s = rate_kbps * 1000 / 8 if rate_kbps > 0 else 0.0
         self._stop = stop or threading.Event()
         self._clock = clock

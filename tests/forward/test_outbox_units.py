@@ -65,6 +65,8 @@ def test_send_window_and_backoff():
     rng = random.Random(1)
     delays = [backoff_s(n, 300, rng) for n in range(1, 20)]
     assert all(0 < d <= 300 for d in delays) and delays[-1] >= 150 and delays[0] <= 1
+    # A destination down for days: past 1025 failures 2 ** n no longer fits a float.
+    assert all(150 <= backoff_s(n, 300, rng) <= 300 for n in (1025, 1100, 10**6))
 
 
 def test_uids_stable_and_burned_in_blocked(box):

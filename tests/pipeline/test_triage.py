@@ -29,3 +29,13 @@ def test_only_the_newest_model_version_counts():
     new = row("a", "1.10.0", "analyzed", ("x", 0.10, False, "urgent"))
     assert current_results([old, new]) == [new]
     assert assess([old, new]) == ("routine", 0.1)
+
+
+def test_versions_with_text_parts_compare():
+    # "0" against "0-rc1" at the same position once raised TypeError (int against str).
+    final = row("a", "2.0", "analyzed", ("x", 0.9, True, "urgent"))
+    candidate = row("a", "2.0-rc1", "analyzed", ("x", 0.2, False, "urgent"))
+    assert current_results([final, candidate]) == [final]
+    assert current_results([candidate, final]) == [final]
+    assert current_results([row("a", "2.0-rc1", "analyzed"), row("a", "2.0.1", "analyzed")])[0]["model_version"] \
+        == "2.0.1"
