@@ -39,7 +39,9 @@ $(BENCH_STAMP): $(STAMP) requirements-train.txt
 run: setup
 	$(VENV)/bin/appliance serve
 
+# Type check first (settings: [tool.mypy] in pyproject.toml): a type error fails the target.
 test: setup
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: setup $(BENCH_STAMP)

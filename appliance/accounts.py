@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
+import sqlite_utils
+
 from . import login_throttle
+from .db import Database
 from .errors import ApplianceError
 
 ROLES = ("admin", "staff", "viewer")
@@ -121,30 +124,30 @@ def check_pin(pin: str) -> None:
         raise AccountError("bad_pin", f"a PIN is {PIN_LENGTH[0]} to {PIN_LENGTH[1]} digits")
 
 
-def _row(database: Any, username: str) -> Optional[dict[str, Any]]:
+def _row(database: Database, username: str) -> Optional[dict[str, Any]]:
     rows = database.query("SELECT * FROM users WHERE username = ?", (username.strip(),))
     return rows[0] if rows else None
 
 
-def get_user(database: Any, user_id: int) -> Optional[User]:
+def get_user(database: Database, user_id: int) -> Optional[User]:
     rows = database.query("SELECT * FROM users WHERE id = ?", (user_id,))
     return User.from_row(rows[0]) if rows else None
 
 
-def find_user(database: Any, username: str) -> Optional[User]:
+def find_user(database: Database, username: str) -> Optional[User]:
     row = _row(database, username)
     return User.from_row(row) if row else None
 
 
-def list_users(database: Any) -> list[User]:
+def list_users(database: Database) -> list[User]:
     return [User.from_row(r) for r in database.query("SELECT * FROM users ORDER BY username COLLATE NOCASE")]
 
 
-def user_count(database: Any) -> int:
+def user_count(database: Database) -> int:
     return int(database.query("SELECT COUNT(*) AS n FROM users")[0]["n"])
 
 
-def create_user(database: Any, username: str, password: str, role: str, language: str = "en",
+def create_user(database: Database, username: str, password: str, role: str, language: str = "en",
                 only_if_first: bool = False) -> User:
     """Add a user.  ``only_if_first`` refuses unless the table is empty, checked inside the
     write transaction so two simultaneous set-up submissions cannot both create an admin."""
@@ -169,7 +172,7 @@ def create_user(database: Any, username: str, password: str, role: str, language
     return user
 
 
-def _update(database: Any, user_id: int, sql: str, params: tuple, bump_session: bool = False,
+def _update(database: Database, user_id: int, sql: str, params: tuple[object, ...], bump_session: bool = False,
             check: Optional[Callable[[Any, int], None]] = None) -> None:
     bump = ", session_version = session_version + 1" if bump_session else ""
     with database.atomic() as tx:
@@ -180,7 +183,7 @@ def _update(database: Any, user_id: int, sql: str, params: tuple, bump_session: 
             raise AccountError("no_user", f"no user with id {user_id}")
 
 
-def _keeps_an_admin(tx: Any, user_id: int) -> None:
+def _keeps_an_admin(tx: sqlite_utils.Database, user_id: int) -> None:
     """Refuse a change that takes away the last active administrator (nobody could administer
     the box from its screen any more)."""
     row = tx.execute("SELECT role, disabled FROM users WHERE id = ?", (user_id,)).fetchone()
@@ -192,7 +195,7 @@ def _keeps_an_admin(tx: Any, user_id: int) -> None:
         raise AccountError("last_admin", "the last active administrator cannot be disabled or demoted")
 
 
-def set_password(database: Any, user_id: int, password: str) -> None:
+def set_password(database: Database, user_id: int, password: str) -> None:
     """New password; also unlocks the account and ends the user's other sessions."""
     check_password(password)
     _update(database, user_id, "password_hash = ?", (hash_secret(password),), bump_session=True)
@@ -201,7 +204,7 @@ def set_password(database: Any, user_id: int, password: str) -> None:
         login_throttle.unlock(database, user.username)
 
 
-def set_pin(database: Any, user_id: int, pin: Optional[str]) -> None:
+def set_pin(database: Database, user_id: int, pin: Optional[str]) -> None:
     """Set (or, with ``None``, remove) a user's touchscreen PIN.  Admins cannot use PINs."""
     user = get_user(database, user_id)
     if user is None:
@@ -216,7 +219,7 @@ def set_pin(database: Any, user_id: int, pin: Optional[str]) -> None:
     login_throttle.clear_pin_block(database, user.username)
 
 
-def set_role(database: Any, user_id: int, role: str) -> None:
+def set_role(database: Database, user_id: int, role: str) -> None:
     if role not in ROLES:
         raise AccountError("bad_role", f"role must be one of {', '.join(ROLES)}")
     # An administrator has no PIN: drop it when promoting.
@@ -225,18 +228,18 @@ def set_role(database: Any, user_id: int, role: str) -> None:
             check=None if role == "admin" else _keeps_an_admin)
 
 
-def set_disabled(database: Any, user_id: int, disabled: bool) -> None:
+def set_disabled(database: Database, user_id: int, disabled: bool) -> None:
     _update(database, user_id, "disabled = ?", (int(disabled),), bump_session=True,
             check=_keeps_an_admin if disabled else None)
 
 
-def set_language(database: Any, user_id: int, language: str) -> None:
+def set_language(database: Database, user_id: int, language: str) -> None:
     if language not in LANGUAGES:
         raise AccountError("bad_language", f"language must be one of {', '.join(LANGUAGES)}")
     _update(database, user_id, "language = ?", (language,))
 
 
-def authenticate(database: Any, username: str, secret: str, method: str = "password",
+def authenticate(database: Database, username: str, secret: str, method: str = "password",
                  now: Optional[datetime] = None, client: str = "") -> Optional[User]:
     """The user if ``secret`` is right, else None; :class:`~appliance.login_throttle.LockedError`
     when a sign-in limit applies to ``client`` (the remote address; "" for local callers).

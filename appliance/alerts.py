@@ -10,11 +10,12 @@ from typing import Any
 
 from . import audit
 from .accounts import AccountError, User
+from .db import Database
 
 SHOWN_MAX = 20  # the newest this many; the banner names the newest and counts them
 
 
-def open_alerts(database: Any, after: int) -> list[dict[str, Any]]:
+def open_alerts(database: Database, after: int) -> list[dict[str, Any]]:
     """Alerts after event id ``after``, newest first: the event's ``id``, ``at`` and
     ``study_uid`` with the patient's ``patient_id`` and DICOM ``name``."""
     return database.query(
@@ -24,7 +25,7 @@ def open_alerts(database: Any, after: int) -> list[dict[str, Any]]:
         (after, SHOWN_MAX))
 
 
-def acknowledge(database: Any, user: User, upto: int) -> int:
+def acknowledge(database: Database, user: User, upto: int) -> int:
     """``user`` has seen the alerts up to event id ``upto``: record it with its audit entry and
     return the user's acknowledged event id.  It never moves back, nor past the newest event (an
     id from the future would silence alerts not raised yet).  Raises

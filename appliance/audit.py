@@ -11,6 +11,10 @@ import logging
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+import sqlite_utils
+
+from .db import Database
+
 log = logging.getLogger(__name__)
 
 # Actions recorded by the UI (kept in one place so the audit viewer can offer a filter).
@@ -25,7 +29,7 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def record(database: Any, actor: str, action: str, study_uid: str = "",
+def record(database: Database, actor: str, action: str, study_uid: str = "",
            detail: Optional[dict[str, Any]] = None) -> None:
     """Append one entry in its own transaction (an audit entry must not wait for, or be rolled
     back with, anything else)."""
@@ -37,7 +41,7 @@ def record(database: Any, actor: str, action: str, study_uid: str = "",
     log.info("audit: %s %s%s", actor, action, f" study={study_uid}" if study_uid else "")
 
 
-def record_tx(tx: Any, actor: str, action: str, study_uid: str = "",
+def record_tx(tx: sqlite_utils.Database, actor: str, action: str, study_uid: str = "",
               detail: Optional[dict[str, Any]] = None) -> None:
     """Append inside the caller's transaction, so an action and its audit entry commit together."""
     text = json.dumps(detail, sort_keys=True, ensure_ascii=False) if detail else ""
@@ -46,7 +50,7 @@ def record_tx(tx: Any, actor: str, action: str, study_uid: str = "",
     log.info("audit: %s %s%s", actor, action, f" study={study_uid}" if study_uid else "")
 
 
-def entries(database: Any, actor: str = "", study_uid: str = "", action: str = "",
+def entries(database: Database, actor: str = "", study_uid: str = "", action: str = "",
             limit: int = 50, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
     """Newest first, filtered by exact user, study UID and action; returns (page, total)."""
     where, params = [], []

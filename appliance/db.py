@@ -13,7 +13,7 @@ import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import sqlite_utils
 
@@ -493,13 +493,13 @@ class Database:
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def query(self, sql: str, params: tuple | dict = ()) -> list[dict]:
+    def query(self, sql: str, params: tuple[object, ...] | dict[str, object] = ()) -> list[dict[str, Any]]:
         return list(self.db.query(sql, params))
 
     def migrate(self) -> int:
         """Bring the schema up to date; returns the resulting version."""
         db = self.db
-        version = db.execute("PRAGMA user_version").fetchone()[0]
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
         for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
             with self.atomic() as tx:
                 migration(tx)

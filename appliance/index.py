@@ -6,8 +6,8 @@ visible together or not at all (the durable hand-off from ingest to analysis).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+import sqlite_utils
 from pydicom.dataset import Dataset
 
 from . import lifecycle
@@ -19,7 +19,7 @@ AI_MANUFACTURER = "Clinic Edge Appliance"
 
 
 def index_instance(
-    tx: Any, ds: Dataset, ids: dict[str, str], path: Path, size: int, sha: str, calling_ae: str, source: str, now: str,
+    tx: sqlite_utils.Database, ds: Dataset, ids: dict[str, str], path: Path, size: int, sha: str, calling_ae: str, source: str, now: str,
     queue_analysis: bool = True,
 ) -> None:
     """Upsert patient, study, series and instance rows (inside the caller's transaction), and

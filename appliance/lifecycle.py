@@ -65,6 +65,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Mapping
 
+import sqlite_utils
+
 from .errors import ApplianceError
 
 
@@ -325,7 +327,7 @@ def next_state(state: str, event: str) -> StudyState:
     return after
 
 
-def move_study(tx: Any, study_uid: str, event: str) -> StudyState:
+def move_study(tx: sqlite_utils.Database, study_uid: str, event: str) -> StudyState:
     """Inside the caller's transaction ``tx``: apply ``event`` to ``study_uid`` and return its state
     afterwards.  The one writer of ``studies.state``.  Raises :class:`LifecycleError` for an
     unknown study, event or stored state."""

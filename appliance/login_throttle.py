@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import sqlite_utils
+
+from .db import Database
 from .errors import ApplianceError
 
 # See the module docstring and docs/SECURITY.md.
@@ -116,7 +119,7 @@ def _delay(failures: int, free: int) -> float:
     return float(min(DELAY_MAX_S, DELAY_BASE_S * 2 ** min(failures - free, 32)))
 
 
-def _counters(database: Any, keys: dict[str, str], t: float) -> Counters:
+def _counters(database: Database | sqlite_utils.Database, keys: dict[str, str], t: float) -> Counters:
     """The counters for ``keys`` as of ``t``: forgotten ones read as zero, and the rate window
     restarts once it has passed."""
     marks = ", ".join("?" * len(keys))
@@ -124,16 +127,19 @@ def _counters(database: Any, keys: dict[str, str], t: float) -> Counters:
                                                   tuple(keys.values()))}
     out = {}
     for name, key in keys.items():
-        row = stored.get(key)
         if name == "rate":  # a window from its first attempt
-            alive = row is not None and t - row["first_at"] < LOGIN_RATE_WINDOW_S
+            since, memory_s = "first_at", LOGIN_RATE_WINDOW_S
         else:  # failures, remembered for a while after the last one
-            alive = row is not None and t - row["last_at"] < (PIN_BLOCK_S if name == "pin" else FAILURE_MEMORY_S)
-        out[name] = dict(row) if alive else {"key": key, "failures": 0, "first_at": t, "last_at": 0.0}
+            since, memory_s = "last_at", (PIN_BLOCK_S if name == "pin" else FAILURE_MEMORY_S)
+        row = stored.get(key)
+        if row is not None and t - row[since] < memory_s:
+            out[name] = dict(row)
+        else:
+            out[name] = {"key": key, "failures": 0, "first_at": t, "last_at": 0.0}
     return out
 
 
-def _save(tx: Any, counter: dict[str, Any]) -> None:
+def _save(tx: sqlite_utils.Database, counter: dict[str, Any]) -> None:
     if counter["failures"] <= 0:
         tx.execute("DELETE FROM login_throttle WHERE key = ?", (counter["key"],))
     else:
@@ -155,7 +161,7 @@ def _longest_wait(counters: Counters, t: float, method: str) -> tuple[float, str
     return wait if wait[0] > 0 else (0.0, "")
 
 
-def charge(database: Any, client: str, username: str, method: str, t: float) -> Attempt:
+def charge(database: Database, client: str, username: str, method: str, t: float) -> Attempt:
     """Admit an attempt of ``client`` on ``username`` at time ``t`` and count it as a failure,
     or raise :class:`LockedError` (not counted) while a limit applies."""
     keys = _keys(client, username)
@@ -175,7 +181,7 @@ def charge(database: Any, client: str, username: str, method: str, t: float) -> 
     return attempt
 
 
-def refund(tx: Any, attempt: Attempt) -> None:
+def refund(tx: sqlite_utils.Database, attempt: Attempt) -> None:
     """The secret was right: take the charge back, inside the caller's sign-in transaction.  The
     client's and the name's failure counts lose this attempt, the name's failures from this
     client (and, for a PIN, the PIN's run of failures) are cleared; the rate counter keeps it
@@ -190,14 +196,14 @@ def refund(tx: Any, attempt: Attempt) -> None:
         _save(tx, {**current[name], "failures": 0})
 
 
-def raise_if_locked(database: Any, attempt: Attempt) -> None:
+def raise_if_locked(database: Database, attempt: Attempt) -> None:
     """After a failed attempt: :class:`LockedError` (``attempted``) if it brought on a limit."""
     wait, scope = _longest_wait(_counters(database, attempt.keys, attempt.t), attempt.t, attempt.method)
     if wait:
         raise LockedError(wait, scope, attempted=True)
 
 
-def lock_state(database: Any, username: str, now: datetime | None = None) -> LockState:
+def lock_state(database: Database, username: str, now: datetime | None = None) -> LockState:
     """What the admin users page and ``appliance users list`` show for a user name."""
     t = (now or clock()).timestamp()
     counters = _counters(database, _keys("", username), t)
@@ -207,7 +213,7 @@ def lock_state(database: Any, username: str, now: datetime | None = None) -> Loc
                      pin_blocked=counters["pin"]["failures"] >= PIN_MAX_FAILURES)
 
 
-def unlock(database: Any, username: str) -> int:
+def unlock(database: Database, username: str) -> int:
     """Forget a user name's failures everywhere (its delays and PIN block); returns the number
     of counters cleared."""
     name = _name_key(username)
@@ -217,7 +223,7 @@ def unlock(database: Any, username: str) -> int:
                               (f"account:{name}", f"pin:{name}", len(prefix), prefix)).rowcount)
 
 
-def unlock_client(database: Any, address: str) -> int:
+def unlock_client(database: Database, address: str) -> int:
     """Forget a client's attempts and failures (a shared terminal after a fumbling session)."""
     key = client_key(address)
     suffix = f"|{key}"
@@ -227,7 +233,7 @@ def unlock_client(database: Any, address: str) -> int:
                                                            suffix)).rowcount)
 
 
-def clear_pin_block(database: Any, username: str) -> None:
+def clear_pin_block(database: Database, username: str) -> None:
     """A new PIN lifts a PIN block: the old one was what was guessed at."""
     with database.atomic() as tx:
         tx.execute("DELETE FROM login_throttle WHERE key = ?", (f"pin:{_name_key(username)}",))

@@ -14,7 +14,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import sqlite_utils
+
 from . import audit, lifecycle, triage
+from .db import Database
 from .errors import ApplianceError
 from .lifecycle import StudyEvent
 
@@ -37,7 +40,7 @@ def finding_key(result_id: int, code: str) -> str:
     return f"{result_id}:{code}"
 
 
-def finding_keys(database: Any, study_uid: str) -> set[str]:
+def finding_keys(database: Database | sqlite_utils.Database, study_uid: str) -> set[str]:
     """The findings of ``study_uid`` a review can give a verdict on (``database`` may be a
     transaction)."""
     rows = database.query("SELECT id, model_id, model_version, findings_json FROM analysis_results "
@@ -46,7 +49,7 @@ def finding_keys(database: Any, study_uid: str) -> set[str]:
             for f in json.loads(r["findings_json"])}
 
 
-def record_review(database: Any, study_uid: str, actor: str, verdicts: Mapping[str, str], note: str = "") -> int:
+def record_review(database: Database, study_uid: str, actor: str, verdicts: Mapping[str, str], note: str = "") -> int:
     """Record ``actor``'s review of ``study_uid`` (verdicts by :func:`finding_key`; findings left
     out have no verdict) and return its id.  Raises :class:`ReviewError`."""
     for key, value in verdicts.items():
@@ -62,14 +65,14 @@ def record_review(database: Any, study_uid: str, actor: str, verdicts: Mapping[s
         if unknown:
             raise ReviewError("unknown_finding", f"not a current finding of the study: {', '.join(sorted(unknown))}")
         review_id = tx.execute(
-            "INSERT INTO reviews (study_uid, username, at, verdicts_json, note) VALUES (?, ?, ?, ?, ?)",
-            (study_uid, actor, audit.utc_now(), json.dumps(chosen, sort_keys=True), note)).lastrowid
+            "INSERT INTO reviews (study_uid, username, at, verdicts_json, note) VALUES (?, ?, ?, ?, ?) RETURNING id",
+            (study_uid, actor, audit.utc_now(), json.dumps(chosen, sort_keys=True), note)).fetchone()[0]
         lifecycle.move_study(tx, study_uid, StudyEvent.REVIEWED)
         audit.record_tx(tx, actor, "review", study_uid, {"verdicts": chosen, "note_chars": len(note)})
     return int(review_id)
 
 
-def list_reviews(database: Any, study_uid: str) -> list[dict[str, Any]]:
+def list_reviews(database: Database, study_uid: str) -> list[dict[str, Any]]:
     """The study's reviews, newest first, with their verdicts decoded (``verdicts``)."""
     rows = database.query("SELECT * FROM reviews WHERE study_uid = ? ORDER BY id DESC", (study_uid,))
     return [{**r, "verdicts": json.loads(r["verdicts_json"])} for r in rows]

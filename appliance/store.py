@@ -44,6 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+import sqlite_utils
 from pydicom.dataset import Dataset
 
 from .db import Database
@@ -183,7 +184,7 @@ class _Pending:
     ids: dict[str, str]
     calling_ae: str
     source: str
-    future: Future = field(default_factory=Future)
+    future: Future[StoreOutcome] = field(default_factory=Future)
 
 
 class InstanceStore:
@@ -225,7 +226,7 @@ class InstanceStore:
             self._written_since += incoming_bytes
 
     # -- storing -------------------------------------------------------------------------
-    def retire_instance(self, tx: Any, sop: str, now: str, source: str) -> Optional[tuple[Path, str]]:
+    def retire_instance(self, tx: sqlite_utils.Database, sop: str, now: str, source: str) -> Optional[tuple[Path, str]]:
         """Inside ``tx``: retire the current instance ``sop`` of ``source`` (the box's own AI
         object whose result was superseded).  Its file is hard-linked under ``superseded/``
         (durably, before the row goes) and its row moves to ``superseded_instances``.  Returns
@@ -344,7 +345,7 @@ class InstanceStore:
             for p, final, action, superseded_row in placed:
                 index_instance(tx, p.ds, p.ids, final, p.size, p.sha, p.calling_ae, p.source, now)
                 if superseded_row:
-                    tx["superseded_instances"].insert(superseded_row)
+                    tx.table("superseded_instances").insert(superseded_row)
         for p, final, action, _ in placed:
             p.future.set_result(StoreOutcome(action, p.ids["SOPInstanceUID"], p.ids["StudyInstanceUID"], final))
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +70,16 @@ class Link:
         self._process.join(timeout=10)
 
 
+@dataclass
+class _Direction:
+    """One direction of the link's bottleneck."""
+
+    free_at: float  # when the serialiser is next free
+    inflight: int = 0  # bytes accepted but not yet delivered
+    drained: asyncio.Event = field(default_factory=asyncio.Event)  # set when inflight went down
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)  # senders waiting for room take turns
+
+
 def _serve_link(target_port: int, listen_port: int, rate: float, delay: float, counter, ready) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -76,8 +87,7 @@ def _serve_link(target_port: int, listen_port: int, rate: float, delay: float, c
         # and a turnstile: connections waiting for room take turns (first come, first served), so
         # parallel connections interleave as packets of several flows do at a router; without it
         # the connection that last got room always gets it again and the others starve.
-        bottleneck = {d: {"free_at": loop.time(), "inflight": 0, "drained": asyncio.Event(), "turn": asyncio.Lock()}
-                      for d in ("up", "down")}
+        bottleneck = {d: _Direction(free_at=loop.time()) for d in ("up", "down")}
         limit = int(rate * delay) + QUEUE_BYTES
 
         async def direction(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str) -> None:
@@ -93,8 +103,8 @@ def _serve_link(target_port: int, listen_port: int, rate: float, delay: float, c
                     wait = due - loop.time()
                     if wait > 0:
                         await asyncio.sleep(wait)
-                    state["inflight"] -= len(data)
-                    state["drained"].set()
+                    state.inflight -= len(data)
+                    state.drained.set()
                     try:
                         writer.write(data)
                         await writer.drain()
@@ -110,13 +120,13 @@ def _serve_link(target_port: int, listen_port: int, rate: float, delay: float, c
                 if not data:
                     await queue.put((0, None))
                     break
-                async with state["turn"]:
-                    while state["inflight"] > limit:
-                        state["drained"].clear()
-                        await state["drained"].wait()
-                depart = max(loop.time(), state["free_at"]) + len(data) / rate
-                state["free_at"] = depart
-                state["inflight"] += len(data)
+                async with state.turn:
+                    while state.inflight > limit:
+                        state.drained.clear()
+                        await state.drained.wait()
+                depart = max(loop.time(), state.free_at) + len(data) / rate
+                state.free_at = depart
+                state.inflight += len(data)
                 with counter.get_lock():
                     counter.value += len(data)
                 await queue.put((depart + delay, data))

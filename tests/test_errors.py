@@ -18,10 +18,10 @@ TREE_LINE = re.compile(r"^( *)[*x+\-·] (\w+)(.*)$")
 CODE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
 
-def all_subclasses() -> set[type]:
+def all_subclasses() -> set[type[ApplianceError]]:
     for module in pkgutil.walk_packages(appliance.__path__, "appliance."):
         importlib.import_module(module.name)
-    found: set[type] = set()
+    found: set[type[ApplianceError]] = set()
     todo = [ApplianceError]
     while todo:
         for sub in todo.pop().__subclasses__():
@@ -79,7 +79,9 @@ def test_every_error_declares_its_own_code_and_no_two_share_one():
 
 def test_store_errors_carry_their_c_store_status_and_the_tree_shows_it():
     tree = drawn_tree()
-    for cls in [c for c in all_subclasses() | {StoreError} if issubclass(c, StoreError)]:
+    for cls in all_subclasses() | {StoreError}:
+        if not issubclass(cls, StoreError):
+            continue
         assert "dicom_status" in vars(cls), f"{cls.__name__} ends as a C-STORE status but declares none"
         assert f"0x{cls.dicom_status:04X}" in tree[cls.__name__][1]
 

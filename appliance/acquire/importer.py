@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pydicom
 
@@ -24,7 +24,7 @@ class ImportSummary:
     duplicate: int = 0
     rejected: list[tuple[str, str]] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "imported": self.imported,
             "replaced": self.replaced,

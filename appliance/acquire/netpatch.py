@@ -169,6 +169,7 @@ def decode_p_data(bytestream: bytearray) -> P_DATA_TF:
             raise ValueError(f"P-DATA item at offset {offset} has an impossible length {length}")
         item = PresentationDataValueItem()
         item.presentation_context_id = view[offset + 4]
+        # A view, not a copy, of the PDU: pynetdicom declares bytes but only reads [0] and writes [1:].
         item.presentation_data_value = view[offset + 5:offset + 4 + length]  # type: ignore[assignment]
         pdu.presentation_data_value_items.append(item)
         offset += 4 + length
@@ -199,6 +200,7 @@ class LimitedDUL(DULServiceProvider):
 
     @property
     def limits(self) -> Limits:
+        # edge_limits is scp.AllowListAE's (scp imports this module); pynetdicom declares AE.
         return cast(Limits, self.assoc.ae.edge_limits)  # type: ignore[attr-defined]
 
     def run_reactor(self) -> None:

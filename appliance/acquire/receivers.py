@@ -274,5 +274,5 @@ def helper_main(config: Config, channel: socket.socket, index: int) -> None:
                 log.error("cannot serve a handed-over connection: %s: %s", type(exc).__name__, exc)
                 _close_quietly(conn)
                 tell(CLOSED + peer_host(address).encode())
-    server.abort_all()  # type: ignore[attr-defined]
+    server.abort_all()
     os._exit(0)

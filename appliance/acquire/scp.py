@@ -16,7 +16,7 @@ import threading
 import zlib
 from copy import deepcopy
 from datetime import datetime
-from typing import Any, Callable, cast
+from typing import Any, Callable, TypeVar, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -38,7 +38,7 @@ from pynetdicom import AE, _config, evt, register_uid, sop_class
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made with globals() at import
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from ..config import Config
@@ -233,7 +233,8 @@ def handle_echo(event: evt.Event) -> int:
     return STATUS_SUCCESS
 
 
-_REJECT_REASONS = {
+# Keyed by (result source, diagnostic); looked up with whatever an A-ASSOCIATE-RJ carried.
+_REJECT_REASONS: dict[tuple[object, object], str] = {
     (0x01, 0x01): "no reason given",
     (0x01, 0x02): "application context not supported",
     (0x01, 0x03): "calling AE title not allowed (dicom.allowed_calling_aes)",
@@ -250,7 +251,7 @@ def _handle_rejected(event: evt.Event) -> None:
     requestor = event.assoc.requestor
     answer = getattr(event.assoc.acceptor, "primitive", None)
     key = (getattr(answer, "result_source", None), getattr(answer, "diagnostic", None))
-    reason = _REJECT_REASONS.get(key, f"source {key[0]}, reason {key[1]}")  # type: ignore[arg-type]
+    reason = _REJECT_REASONS.get(key, f"source {key[0]}, reason {key[1]}")
     _refusals.refused(str(requestor.address), "rejected", "association from %s (%s) rejected: %s",
                       _calling_ae(event), requestor.address, reason)
 
@@ -268,10 +269,11 @@ class AllowListAE(AE):
 
     @property
     def require_calling_aet(self) -> list[str]:
-        return ["\x00"] if self.accept_nobody else AE.require_calling_aet.fget(self)  # type: ignore[attr-defined]
+        return ["\x00"] if self.accept_nobody else super().require_calling_aet
 
     @require_calling_aet.setter
     def require_calling_aet(self, ae_titles: list[str]) -> None:
+        # super() cannot assign a property; mypy types the class attribute as the getter's value.
         AE.require_calling_aet.fset(self, ae_titles)  # type: ignore[attr-defined]
 
 
@@ -369,7 +371,8 @@ class _TrackedRequestHandler(RequestHandler):
         return assoc
 
     def handle(self) -> None:
-        tracker = self.server.tracker  # type: ignore[attr-defined]
+        # socketserver types the server as BaseServer; this handler serves only make_server's.
+        tracker = cast(BoxServer, self.server).tracker
         assoc = self._create_association()
         # Trigger must be after binding the events (as pynetdicom's own handle does).
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
@@ -400,7 +403,18 @@ class _TrackedRequestHandler(RequestHandler):
                 self.request.close()
 
 
-class ReceivingServer(ThreadedAssociationServer):
+class BoxServer(ThreadedAssociationServer):
+    """What :func:`make_server` gives each of the box's association servers."""
+
+    ae: AllowListAE  # the AE of make_ae (pynetdicom declares its base)
+    tracker: Any  # started(host), ended(host)
+    association_class: type[netpatch.LimitedAssociation]  # read by _TrackedRequestHandler
+
+
+_Server = TypeVar("_Server", bound=BoxServer)
+
+
+class ReceivingServer(BoxServer):
     """The listening server of the main process.
 
     A new connection goes to the :class:`~.guard.AssociationGate` first; once its whole
@@ -438,7 +452,7 @@ class ReceivingServer(ThreadedAssociationServer):
             if self.dispatch(conn, address):
                 return
         else:  # this process serves every association itself: apply the limits here
-            limits = self.ae.edge_limits  # type: ignore[attr-defined]
+            limits = self.ae.edge_limits
             refusal = admission_refusal(limits, self.tracker.open_count(), self.tracker.open_count(peer_host(address)))
             if refusal is not None:
                 raise AssociationRefused(refusal)
@@ -456,11 +470,9 @@ class ReceivingServer(ThreadedAssociationServer):
         super().server_close()
 
 
-class HandedOverServer(ThreadedAssociationServer):
+class HandedOverServer(BoxServer):
     """In a helper receiving process: serves connections accepted by the main process (passed
     to :meth:`take`); it never binds or listens itself."""
-
-    tracker: Any = None
 
     def server_bind(self) -> None:
         pass
@@ -481,10 +493,10 @@ def fast_reactor(config: Config) -> bool:
     return bool(config.dicom.fast_reactor)
 
 
-def make_server(config: Config, store: InstanceStore, server_class: type[ThreadedAssociationServer],
+def make_server(config: Config, store: InstanceStore, server_class: type[_Server],
                 on_stored: Callable[[Any], None] | None = None,
                 report_hook: Callable[[str, bytes, Dataset], Any] | None = None,
-                *, tracker: Any) -> ThreadedAssociationServer:
+                *, tracker: Any) -> _Server:
     """The AE's association server with our handlers bound (not yet serving).
 
     ``tracker`` (``started(host)``, ``ended(host)``) is told of every association's thread.
@@ -495,10 +507,11 @@ def make_server(config: Config, store: InstanceStore, server_class: type[Threade
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, _handle_rejected),
     ]
-    server = ae.make_server((config.dicom.host, config.dicom.port), evt_handlers=handlers,
-                            server_class=server_class, request_handler=_TrackedRequestHandler)
-    server.tracker = tracker  # type: ignore[attr-defined]
-    server.association_class = netpatch.association_class(fast_reactor(config))  # type: ignore[attr-defined]
+    # AE.make_server builds an instance of server_class; its signature promises only the base.
+    server = cast(_Server, ae.make_server((config.dicom.host, config.dicom.port), evt_handlers=handlers,
+                                          server_class=server_class, request_handler=_TrackedRequestHandler))
+    server.tracker = tracker
+    server.association_class = netpatch.association_class(fast_reactor(config))
     # What AE.start_server does for its own servers: shutdown() expects to find it in this list.
     ae._servers.append(server)
     return server
@@ -507,16 +520,16 @@ def make_server(config: Config, store: InstanceStore, server_class: type[Threade
 def start_scp(config: Config, store: InstanceStore, on_stored: Callable[[Any], None] | None = None,
               report_hook: Callable[[str, bytes, Dataset], Any] | None = None,
               activity: IngestActivity | None = None,
-              dispatch: Callable[[socket.socket, Any], bool] | None = None) -> ThreadedAssociationServer:
+              dispatch: Callable[[socket.socket, Any], bool] | None = None) -> ReceivingServer:
     """Start listening in a background thread; call ``.shutdown()`` on the result to stop.
 
     ``activity`` counts the associations served in this process (a new one is made if None);
     ``dispatch`` hands connections to other receiving processes (:mod:`.receivers`).
     """
-    server = cast(ReceivingServer, make_server(config, store, ReceivingServer, on_stored, report_hook,
-                                               tracker=activity or IngestActivity()))
+    server = make_server(config, store, ReceivingServer, on_stored, report_hook,
+                         tracker=activity or IngestActivity())
     server.dispatch = dispatch
-    server.gate = AssociationGate(server.ae.edge_limits, server.serve_connection)  # type: ignore[attr-defined]
+    server.gate = AssociationGate(server.ae.edge_limits, server.serve_connection)
     server.gate.start()
     threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True).start()
     log.info("DICOM receiver: fast reactor %s", "on" if fast_reactor(config) else "off")

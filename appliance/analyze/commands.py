@@ -92,12 +92,12 @@ def validate_cmd(model_id: str, directory: str, as_json: bool, report_path: Opti
     if as_json:
         click.echo(json.dumps(summary))
         return
-    ci = summary["auc_ci"]
     click.echo(f"model        {report.model} {report.model_version} (finding {report.finding})")
     click.echo(f"images       {summary['n']} (abstained {summary['abstained']})")
-    auc = summary["auc"]
+    auc, ci = report.auc, report.auc_ci
+    interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci is not None else ""  # none if no resample had both labels
     click.echo("AUC          " + ("n/a (needs both labels among analysed images)" if auc is None else
-                                  f"{auc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})"))  # type: ignore[index]
+                                  f"{auc:.3f}{interval}"))
     for key in ("sensitivity", "specificity"):
         value = summary[key]
         click.echo(f"{key:12} " + ("n/a" if value is None else f"{value:.3f}") + f" at threshold {report.threshold:.3f}")

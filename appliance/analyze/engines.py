@@ -170,7 +170,7 @@ def device_identity() -> tuple[str, str]:
 
 
 def _progress_monitor(trt: Any, report: Callable[[str], None]) -> Any:
-    class Monitor(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+    class Monitor(trt.IProgressMonitor):  # type: ignore[misc]  # tensorrt has no stubs: the base is Any
         """Prints each optimiser phase and its step count; never cancels the build."""
 
         def __init__(self) -> None:

@@ -229,7 +229,8 @@ def render_html(report: ValidationReport) -> str:
                     f"<td>{_fmt(_ratio(c['tn'], c['tn'] + c['fn']))}</td>"
                     f"<td>{c['tp']}</td><td>{c['fp']}</td><td>{c['tn']}</td><td>{c['fn']}</td></tr>")
     s = report.summary()
-    ci = f"{s['auc_ci'][0]:.3f}–{s['auc_ci'][1]:.3f}" if s["auc_ci"] else "—"  # type: ignore[index]
+    interval = report.auc_ci
+    ci = f"{interval[0]:.3f}–{interval[1]:.3f}" if interval else "—"
     title = html.escape(f"Validation of {report.model} {report.model_version}")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>

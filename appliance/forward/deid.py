@@ -70,7 +70,7 @@ ACTIONS = frozenset({"X", "Z", "D", "U", "Z/D", "X/D", "X/Z/D", "X/Z", "X/Z/U*"}
 def profile() -> tuple[dict[int, str], list[tuple[int, int, int, int, str]]]:
     """(exact tag -> action, masked entries (group, element, group mask, element mask, action)),
     with the table's own action codes (``X/Z/D`` etc.)."""
-    from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector  # type: ignore[import-untyped]
+    from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
 
     table = dicom_anonymization_database_selector(PROFILE_EDITION)
     codes = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D", "X_D_TAGS": "X/D",

@@ -23,6 +23,8 @@ import json
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 
+import sqlite_utils
+
 from .. import audit, lifecycle
 from ..catalog import failure_notes, study_failures
 from ..config import Config
@@ -179,7 +181,7 @@ def instances(database: Database, item_id: int,
         (item_id, *(str(x) for x in states), Source.DICOM.value))
 
 
-def supersede_instance(tx: Any, sop_instance_uid: str, reason: str, now: str) -> None:
+def supersede_instance(tx: sqlite_utils.Database, sop_instance_uid: str, reason: str, now: str) -> None:
     """Inside ``tx``: entries of ``sop_instance_uid`` not yet confirmed become ``superseded``
     (never sent): the instance was retired while queued."""
     tx.execute(f"UPDATE outbox_instances SET state = ?, reason = ?, updated_at = ? "

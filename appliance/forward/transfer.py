@@ -129,7 +129,7 @@ def fresh_file_meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:
     instance (from the data set itself), transfer syntax, and the box's implementation UID and
     version (pynetdicom's, as on the files the box stores)."""
     return create_file_meta(sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
-                            transfer_syntax=transfer_syntax)
+                            transfer_syntax=UID(transfer_syntax))
 
 
 def _refresh(ds: Dataset) -> Dataset:

@@ -268,9 +268,9 @@ def _colour_to_display(arr: np.ndarray, ds: Dataset) -> np.ndarray:
             # 8-bit entries written into a 16-bit LUT (seen in big-endian files): scaling them
             # as 16-bit would turn the image black.
             bits = 8
-        return rgb * (255.0 / (2**bits - 1))
+        return rgb * (255.0 / (2.0**bits - 1))
     bits = int(ds.get("BitsStored", 8))
-    return arr.astype(np.float32) * (255.0 / (2**bits - 1))
+    return arr.astype(np.float32) * (255.0 / (2.0**bits - 1))
 
 
 def decode_dataset(ds: Dataset, frame: Optional[int] = None) -> DecodedImage:

@@ -88,7 +88,7 @@ def _clahe(img: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
     clahe = cv2.createCLAHE(clipLimit=clip, tileGridSize=(int(grid[1]), int(grid[0])))
     # CLAHE works on integer histograms; the display image is 0..255 so 8 bits lose nothing.
     as_u8 = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    return clahe.apply(as_u8).astype(np.float32)
+    return np.asarray(clahe.apply(as_u8), dtype=np.float32)
 
 
 def _normalize(img: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:

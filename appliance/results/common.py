@@ -23,12 +23,13 @@ from pydicom.uid import generate_uid
 
 from .. import __version__
 from ..analyze.result import AI_NOTICE, AnalysisResult
+from ..store import AI_MANUFACTURER
 from .conform import Change, conform_dataset
-
-from ..store import AI_MANUFACTURER as MANUFACTURER  # one name for "made by this box"
 
 log = logging.getLogger(__name__)
 
+# The Manufacturer of the box's own objects: the one name by which the index knows them as AI.
+MANUFACTURER = AI_MANUFACTURER
 MODEL_NAME = "Clinic Edge Appliance"
 # UTF-8: the notice's em dash is not in ISO 8859-1, which most modalities declare.
 CHARACTER_SET = "ISO_IR 192"

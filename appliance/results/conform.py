@@ -57,7 +57,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, Optional
+from typing import Any, Callable, Optional, cast
 
 from pydicom.datadict import dictionary_description, dictionary_VM, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
@@ -129,8 +129,13 @@ class Change:
         return f"{self.name} {self.action}: {self.reason}"
 
 
+# pydicom's table mixes functions and lambdas, which mypy joins to an untyped callable; each is
+# (vr, value) -> (valid, message), the validator type of pydicom's own validate_value.
+_VALIDATORS = cast(dict[str, Callable[[str, Any], tuple[bool, str]]], VALIDATORS)
+
+
 def _valid(vr: str, text: str) -> bool:
-    return bool(VALIDATORS[vr](vr, text)[0])
+    return _VALIDATORS[vr](vr, text)[0]
 
 
 def _parses(constructor: Any, text: str) -> bool:

@@ -12,6 +12,7 @@ from typing import Optional
 import cv2
 import highdicom as hd
 import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -81,7 +82,7 @@ def _wrap(line: str, scale: float, thickness: int, max_width: int) -> list[str]:
 
 def burn_in(image: np.ndarray, lines: list[str]) -> np.ndarray:
     """Draw ``lines`` top-left on a dark box, scaled to the image; returns a new array."""
-    out = np.ascontiguousarray(image, dtype=np.uint8).copy()
+    out: npt.NDArray[np.uint8] = np.ascontiguousarray(image, dtype=np.uint8).copy()
     height, width = out.shape[:2]
     (_, base_h), _ = cv2.getTextSize("Ag", FONT, 1.0, 1)
     floor = MIN_TEXT_PX / base_h

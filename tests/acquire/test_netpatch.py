@@ -110,7 +110,7 @@ def scp(tmp_path):
 
 def _requestor():
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made with globals() at import
 
     from tests.helpers import CALLING_AE
 
@@ -213,14 +213,14 @@ def test_the_forwarder_s_association_in_the_same_process_is_plain_pynetdicom(scp
     from pynetdicom.transport import AssociationSocket
 
     from appliance.acquire.netpatch import FastAssociation
+    from appliance.config import Destination
     from appliance.forward.dicom_peer import DicomPeer
     from appliance.forward.transfer import Outgoing
     from tests.helpers import CALLING_AE, sample
 
     server = scp(True)
-    dest = {"name": "self", "kind": "dicom", "host": "127.0.0.1", "port": server.server_address[1],
-            "called_ae": "EDGE", "calling_ae": CALLING_AE, "tls_ca": "", "tls_cert": "", "tls_key": "",
-            "compress": "none"}
+    dest = Destination(name="self", kind="dicom", host="127.0.0.1", port=server.server_address[1],
+                       called_ae="EDGE", calling_ae=CALLING_AE)
     peer = DicomPeer(dest, CALLING_AE, timeout_s=10, lanes=1)
     ds = pydicom.dcmread(sample("CT_small.dcm"))
     outgoing = Outgoing(str(ds.SOPInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID),

@@ -9,6 +9,7 @@ import pydicom
 import pytest
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AE, _config
+from pynetdicom.association import Association
 
 from tests.helpers import CALLING_AE, dcmsend, sample
 
@@ -33,7 +34,7 @@ class RawSender:
         self.ae = AE(ae_title=CALLING_AE)
         for sop_class, syntax in set(contexts):
             self.ae.add_requested_context(sop_class, syntax)
-        self.assoc = None
+        self.assoc: Association | None = None
 
     def send(self, path: Path) -> int | None:
         if self.assoc is None or not self.assoc.is_established:

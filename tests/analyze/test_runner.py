@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from appliance.analyze.runner import AI_NOTICE, ModelRunner, analyze_image, get_runner
 from appliance.analyze.manifest import load_manifest
+from appliance.analyze.result import AI_NOTICE
+from appliance.analyze.runner import ModelRunner, analyze_image, get_runner
 from appliance.config import load_config
 from appliance.errors import InferenceError
 from tests.analyze.toy_package import MODEL_ID, build_package, toy_engines  # noqa: F401

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from appliance.analyze import runner as runner_module
-from appliance.analyze.backends import Backend
+from appliance.analyze.backends import Backend, create_backend
 from appliance.analyze.result import AnalysisResult
 from appliance.analyze.worker import enqueue_study
 from appliance.config import load_config
@@ -57,7 +57,7 @@ class CountingBackend(Backend):
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> Counter:
     runs: Counter = Counter()
-    real = runner_module.create_backend
+    real = create_backend
     monkeypatch.setattr(runner_module, "create_backend", lambda name, threads=2: CountingBackend(real(name, threads),
                                                                                                   runs))
     monkeypatch.setattr(runner_module, "_RUNNERS", {})  # runners loaded from here on are counted

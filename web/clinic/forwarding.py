@@ -11,6 +11,7 @@ from typing import Any
 from flask import current_app
 from flask_babel import gettext as _
 
+from appliance.db import Database
 from appliance.forward import destination_status, study_forwarding, study_reports
 from appliance.lifecycle import OUTBOX_ACTIVE, OutboxState, marks, words
 from web.core.formatting import human_bytes, local_time
@@ -38,7 +39,7 @@ def _when(iso: str) -> str:
     return local_time(iso) if iso else ""
 
 
-def study_items(database: Any, study_uid: str) -> list[dict[str, Any]]:
+def study_items(database: Database, study_uid: str) -> list[dict[str, Any]]:
     """Per destination, the study's latest outbox item with its words and the actions allowed."""
     out = []
     # With the configuration, the AI objects a waiting item will also send count as pending.
@@ -54,14 +55,14 @@ def study_items(database: Any, study_uid: str) -> list[dict[str, Any]]:
     return out
 
 
-def study_report_list(database: Any, study_uid: str) -> list[dict[str, Any]]:
+def study_report_list(database: Database, study_uid: str) -> list[dict[str, Any]]:
     """Reports that came back, with their kind in words and the local time received."""
     kinds = {"sr": _("Structured report"), "pdf": _("PDF report")}
     return [{**r, "kind_words": kinds.get(r["kind"], r["kind"]), "received": _when(r["received_at"])}
             for r in study_reports(database, study_uid)]
 
 
-def outbox_depth(database: Any) -> dict[str, int]:
+def outbox_depth(database: Database) -> dict[str, int]:
     """Items per state the status screen shows (delivered ones wait for the hub's listing)."""
     counts = {r["state"]: r["n"] for r in database.query(
         f"SELECT state, COUNT(*) AS n FROM outbox_items WHERE state IN ({marks(COUNTED)}) GROUP BY state",
@@ -69,7 +70,7 @@ def outbox_depth(database: Any) -> dict[str, int]:
     return {state: int(counts.get(state, 0)) for state in words(COUNTED)}
 
 
-def destinations_overview(database: Any, config: Any) -> list[dict[str, Any]]:
+def destinations_overview(database: Database, config: Any) -> list[dict[str, Any]]:
     """destination_status() with sizes and times as people read them."""
     return [{**d, "bytes_pending_words": human_bytes(d["bytes_pending"]),
              "last_success": _when(d["last_success_at"]), "next_retry": _when(d["next_retry_at"])}

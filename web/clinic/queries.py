@@ -12,6 +12,7 @@ from typing import Any, Iterable
 from flask_babel import gettext as _
 
 from appliance import triage
+from appliance.db import Database
 from appliance.lifecycle import (JOB_OUTSTANDING, OUTBOX_ACTIVE, JobState, OutboxState, ResultStatus, StudyState,
                                  clinical_sql, words)
 from appliance.lifecycle import marks as lifecycle_marks
@@ -107,7 +108,7 @@ def like_literal(text: str) -> str:
     return text.replace(LIKE_ESCAPE, LIKE_ESCAPE * 2).replace("%", LIKE_ESCAPE + "%").replace("_", LIKE_ESCAPE + "_")
 
 
-def worklist(database: Any, search: str = "", priority: str = "", state: str = "", page: int = 1,
+def worklist(database: Database, search: str = "", priority: str = "", state: str = "", page: int = 1,
              page_size: int = 25) -> dict[str, Any]:
     """One page of the worklist in triage order, with everything a row shows."""
     where, params = [], []
@@ -144,7 +145,7 @@ def worklist(database: Any, search: str = "", priority: str = "", state: str = "
     return {"rows": rows, "total": total, "page": page, "pages": pages}
 
 
-def page_details(database: Any, uids: list[str]) -> dict[str, dict[str, Any]]:
+def page_details(database: Database, uids: list[str]) -> dict[str, dict[str, Any]]:
     """Modalities, AI results, job counts and outbox item states for a set of studies."""
     out: dict[str, dict[str, Any]] = {u: {"modalities": set(), "results": [], "outstanding": 0, "failed": 0,
                                           "forwards": []} for u in uids}

@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import shutil
+from typing import Optional
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify
+
+from appliance.config import Config
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
-def healthz():  # type: ignore[no-untyped-def]
-    config = current_app.config.get("APPLIANCE")
-    body: dict = {"status": "ok"}
+def healthz() -> Response:
+    config: Optional[Config] = current_app.config.get("APPLIANCE")
+    body: dict[str, object] = {"status": "ok"}
     if config is not None:
-        usage = shutil.disk_usage(config.data_dir)
-        body["disk_free_mb"] = usage.free // (1024 * 1024)
-        body["disk_floor_mb"] = config.storage.min_free_mb
-        body["accepting_images"] = body["disk_free_mb"] >= body["disk_floor_mb"]
+        free_mb = shutil.disk_usage(config.data_dir).free // (1024 * 1024)
+        floor_mb = config.storage.min_free_mb
+        body.update(disk_free_mb=free_mb, disk_floor_mb=floor_mb, accepting_images=free_mb >= floor_mb)
     return jsonify(body)

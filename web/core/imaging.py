@@ -29,6 +29,7 @@ PRESETS: dict[str, Optional[tuple[float, float]]] = {
     "invert": None,
 }
 CACHE_ITEMS = 24
+CacheKey = tuple[str, int, Optional[int], str]  # (file, its mtime_ns, frame, preset)
 
 
 class _LRU:
@@ -37,17 +38,17 @@ class _LRU:
 
     def __init__(self, size: int):
         self.size = size
-        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._items: OrderedDict[CacheKey, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple) -> Optional[bytes]:
+    def get(self, key: CacheKey) -> Optional[bytes]:
         with self._lock:
             value = self._items.get(key)
             if value is not None:
                 self._items.move_to_end(key)
             return value
 
-    def put(self, key: tuple, value: bytes) -> None:
+    def put(self, key: CacheKey, value: bytes) -> None:
         with self._lock:
             self._items[key] = value
             self._items.move_to_end(key)

@@ -21,7 +21,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit
 
 from flask import Flask, abort, current_app, g, jsonify, redirect, request, session, url_for
@@ -29,8 +29,11 @@ from flask.typing import ResponseReturnValue
 
 from appliance import accounts, audit
 from appliance.config import Config
+from appliance.db import Database
 
 F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 STATIC_ENDPOINTS = {"static", "core.static"}
 PUBLIC_ENDPOINTS = STATIC_ENDPOINTS | {"health.healthz", "auth.login", "auth.setup"}
@@ -68,8 +71,9 @@ def load_secret_key(config: Config) -> str:
     return key
 
 
-def database() -> Any:
-    return current_app.extensions["appliance_db"]
+def database() -> Database:
+    """The app's database (``init_core`` opens it)."""
+    return cast(Database, current_app.extensions["appliance_db"])  # Flask types extensions as Any
 
 
 def csrf_token() -> str:
@@ -86,15 +90,15 @@ def passive(view: F) -> F:
     return view
 
 
-def roles_required(*roles: str) -> Callable[[F], F]:
+def roles_required(*roles: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Refuse (403) signed-in users whose role is not in ``roles``."""
-    def decorate(view: F) -> F:
+    def decorate(view: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(view)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             if g.user is None or g.user.role not in roles:
                 abort(403, description="role")
             return view(*args, **kwargs)
-        return wrapper  # type: ignore[return-value]
+        return wrapper
     return decorate
 
 
@@ -143,7 +147,7 @@ def end_session() -> None:
         session["lang"] = language
 
 
-def _session_alive(db: Any, user_id: int) -> bool:
+def _session_alive(db: Database, user_id: int) -> bool:
     sid = session.get("sid")
     return bool(sid) and bool(db.query("SELECT 1 FROM web_sessions WHERE id = ? AND user_id = ?",
                                        (_session_key(str(sid)), user_id)))

@@ -11,7 +11,7 @@ from flask_babel import gettext as _
 
 from appliance import audit, catalog, triage
 from appliance import review as reviewing
-from appliance.analyze.runner import AI_NOTICE
+from appliance.analyze.result import AI_NOTICE
 from appliance.errors import ConfigError, DecodeError
 from appliance.forward import cancel_item, request_forward, retry_item
 from appliance.forward.errors import ForwardRequestError
