@@ -176,9 +176,10 @@ def _finding(r: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
 
 def _monitoring(r: dict[str, Any]) -> dict[str, Any]:
     """What a site-QA monitor reads per result: ``ood_distance`` (None: no OOD statistics),
-    ``frame_index`` (0-based) and the acquisition ``fingerprint`` (appliance.analyze.result)."""
+    ``frame_index`` (0-based) and the acquisition ``fingerprint`` (appliance.analyze.result);
+    and ``notes``, what the staff must read with the result (e.g. the patient's age was unknown)."""
     return {"ood_distance": r["ood_distance"], "frame_index": r["frame_index"],
-            "fingerprint": json.loads(r["fingerprint_json"] or "{}")}
+            "fingerprint": json.loads(r["fingerprint_json"] or "{}"), "notes": json.loads(r["notes_json"] or "[]")}
 
 
 def _analysis(results: list[dict[str, Any]], job_error: str | None) -> dict[str, Any]:

@@ -411,6 +411,10 @@ def _m009_result_monitoring(db: sqlite_utils.Database) -> None:
     # the model's disclaimer and the heatmap evidence of its one run ('' when it made none).
     db.execute("ALTER TABLE analysis_results ADD COLUMN disclaimer TEXT NOT NULL DEFAULT ''")
     db.execute("ALTER TABLE analysis_results ADD COLUMN heatmap_json TEXT NOT NULL DEFAULT ''")
+    # What the staff must read with a result (JSON list of text), e.g. that the image was analysed
+    # although the patient's age is unknown (a manifest's declared unknown_age = "analyse").
+    for table in ("analysis_results", "superseded_results"):
+        db.execute(f"ALTER TABLE {table} ADD COLUMN notes_json TEXT NOT NULL DEFAULT '[]'")
 
 
 # Numbered migrations: index i + 1 is the schema version after running MIGRATIONS[i].

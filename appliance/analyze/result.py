@@ -203,6 +203,7 @@ class AnalysisResult:
             "ood_distance": self.ood_distance, "frame_index": self.frame_index,
             "fingerprint_json": json.dumps(self.fingerprint),
             "heatmap_json": self.heatmap_evidence.to_json() if self.heatmap_evidence else "",
+            "notes_json": json.dumps(list(self.notes)),
         }
 
     @classmethod
@@ -224,4 +225,5 @@ class AnalysisResult:
             heatmap_finding=evidence.finding if evidence else None, heatmap_evidence=evidence,
             ood_distance=row.get("ood_distance"), source={} if frame is None else {"frame_index": int(frame)},
             fingerprint=json.loads(row.get("fingerprint_json") or "{}"),
+            notes=json.loads(row.get("notes_json") or "[]"),
         )

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 RESULT_COLUMNS = ("sop_instance_uid", "study_uid", "model_id", "model_version", "status", "findings_json",
                   "abstention_code", "abstention_reason", "error", "backend", "precision", "sr_sop_instance_uid",
                   "sr_path", "heatmap_sop_instance_uid", "heatmap_path", "objects_state", "objects_error",
-                  "sha256", "created_at", "ood_distance", "frame_index", "fingerprint_json")
+                  "sha256", "created_at", "ood_distance", "frame_index", "fingerprint_json", "notes_json")
 SUPERSEDED_OBJECT = "its AI result was superseded: the image was replaced by different bytes"
 
 

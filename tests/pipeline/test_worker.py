@@ -101,3 +101,34 @@ def test_models_are_loaded_before_the_first_image(box):
     states = {r["model_id"]: (r["status"], r["error"]) for r in database.query("SELECT * FROM analysis_results")}
     assert states["cxr-pneumonia"][0] == "analyzed"
     assert states["us-breast-lesion"][0] == "failed" and "sha256" in states["us-breast-lesion"][1]
+
+
+def test_a_result_analysed_under_an_analyse_policy_carries_its_note(box):
+    """A model whose manifest says unknown_age = "analyse" analyses an image of unknown age, and
+    the result says so wherever it is read: the row, `studies --json`, the objects' input."""
+    import io
+
+    import pydicom
+
+    from appliance.analyze.result import AnalysisResult
+    from appliance.catalog import list_studies
+
+    config, database, store, pipeline = box
+    manifest = config.analyze.engines_dir / "cxr-pneumonia" / "manifest.toml"
+    text = manifest.read_text()
+    assert 'unknown_age = "abstain"' in text
+    manifest.write_text(text.replace('unknown_age = "abstain"', 'unknown_age = "analyse"', 1))
+    ds = pydicom.dcmread(sample("RG1_UNCR.dcm"))
+    del ds.PatientBirthDate  # and no Patient's Age: the age is unknown
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    store.store(buffer.getvalue())
+    pipeline.run_until_idle()
+    (row,) = database.query("SELECT * FROM analysis_results")
+    assert row["status"] == "analyzed"
+    (note,) = AnalysisResult.from_record(row).notes
+    assert note.startswith("analysed although the patient's age is unknown (no Patient's Age, and no birth date)")
+    assert "children aged 1–5 years" in note
+    images = [i for s in list_studies(database) for series in s["series"] for i in series["instances"]
+              if i["source"] == "dicom"]
+    assert [[f["notes"] for f in i["findings"]] for i in images] == [[[note]]]

@@ -62,7 +62,7 @@ def _results(study_uid: str) -> list[dict[str, Any]]:
         for f in findings:
             f["key"] = reviewing.finding_key(r["id"], f["code"])
         out.append({
-            **r, "findings": findings, "current": r["id"] in current,
+            **r, "findings": findings, "current": r["id"] in current, "notes": json.loads(r["notes_json"] or "[]"),
             "model_name": _("no model") if r["model_id"] == ROUTER else engines_info.model_name(engines_dir, r["model_id"]),
             "router": r["model_id"] == ROUTER,
             "abstain_words": queries.abstention_words(r["abstention_code"]) if r["abstention_code"] else "",
