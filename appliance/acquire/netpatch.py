@@ -369,9 +369,8 @@ class FastDUL(LimitedDUL):
             if self.artim_timer.expired:
                 self.event_queue.put("Evt18")
             try:
-                if self._process_recv_primitive():
-                    pass
-                elif self._is_transport_event():
+                # A primitive from the user side first; only without one is the transport looked at.
+                if not self._process_recv_primitive() and self._is_transport_event():
                     self._idle_timer.restart()
             except Exception as exc:
                 _DUL_LOGGER.error("Exception in DUL.run(), aborting association")
